@@ -1,0 +1,62 @@
+"""Writing files so that a crash never leaves a half-written file under the real name."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import UserError
+
+
+def make_dir(folder: Path, what: str) -> None:
+    """Creates `folder` (and parents) or says in one line why it cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create {what} folder {folder}: {e.strerror}; choose another location') from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f'{what} folder {folder} is not writable; choose another location')
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = 'w') -> Iterator[IO]:
+    """Yields a temporary file beside `path`; renames it into place only when the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(path: Path, write: Callable[[IO], Any], binary: bool = True) -> None:
+    with atomic_open(path, 'wb' if binary else 'w') as f:
+        write(f)
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_open(path, 'w') as f:
+        json.dump(data, f, indent=1)
+        f.write('\n')
+
+
+def append_csv_row(path: Path, row: dict) -> None:
+    """Appends a row (writing the header first for a new file); the whole file is replaced atomically."""
+    old = path.read_text() if path.exists() else ''
+    with atomic_open(path, 'w') as f:
+        f.write(old)
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if not old:
+            writer.writeheader()
+        writer.writerow(row)
