@@ -1,0 +1,98 @@
+"""Command-line pieces shared by the entry scripts: common flags, checked values, devices, error handling."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoints import resolve_encoder_path
+from .errors import UserError
+from .mvtecad import RESIZE_FILTERS
+
+
+def _number(text: str, kind: type, minimum: float, strict: bool) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a {"whole number" if kind is int else "number"}') from None
+    if value != value or abs(value) == float('inf') or value < minimum or (strict and value == minimum):
+        raise argparse.ArgumentTypeError(f'must be {"above" if strict else "at least"} {minimum}, not {text}')
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, strict=False)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, 0, strict=False)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0, strict=False)
+
+
+def add_data_args(parser: argparse.ArgumentParser, obj_help: str = 'class name, e.g. bottle') -> None:
+    parser.add_argument('--obj', default='bottle', help=obj_help)
+    parser.add_argument('--data_root', default=None,
+                        help='folder holding the class folders (MVTec AD layout); default: $MVTEC_ROOT')
+    parser.add_argument('--resize', choices=tuple(RESIZE_FILTERS), default='nearest',
+                        help="PIL filter for resizing to 256x256: nearest (the authors' Pillow < 7, the paper's "
+                             'numbers; default) or bicubic (Pillow >= 7)')
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--D', type=positive_int, default=64, help='embedding dimension (default 64)')
+    parser.add_argument('--lambda_value', type=non_negative_float, default=1e-3,
+                        help='weight of the SVDD loss (default 1e-3, the authors\' advice)')
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    parser.add_argument('--ckpt', default=None, help='encoder checkpoint (enchier.pkl) to load; overrides the rest')
+    parser.add_argument('--ckpt_dir', default='ckpts', help='checkpoint folder (default ckpts)')
+    parser.add_argument('--epochs', type=positive_int, default=None,
+                        help='load <ckpt_dir>/<obj>/<epochs>_<lambda_value>_<D>_enchier.pkl (main_train.py\'s name); '
+                             'without it: <ckpt_dir>/<obj>/enchier.pkl (the authors\' name)')
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda when available, else cpu)')
+    parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+
+
+def encoder_path(args: argparse.Namespace, obj: str | None = None) -> Path:
+    return resolve_encoder_path(obj or args.obj, args.ckpt, args.ckpt_dir, args.epochs, args.lambda_value, args.D)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device {name!r} is not a device: use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
+    return device
+
+
+def run(main: Callable[[], None], debug: bool = False) -> None:
+    """Runs an entry point, turning a UserError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        if debug:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
