@@ -1,0 +1,63 @@
+"""Train Patch SVDD on a class's normal images: `python main_train.py --obj=bottle --lambda_value=1e-3`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from codes import cli, inspection, mvtecad
+from codes.training import TrainConfig, train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    cli.add_data_args(parser)
+    cli.add_model_args(parser)
+    parser.add_argument('--epochs', type=cli.positive_int, default=300,
+                        help='training passes (default 300; the original made epochs - 1)')
+    parser.add_argument('--lr', type=cli.positive_float, default=1e-4, help='Adam learning rate (default 1e-4)')
+    parser.add_argument('--batch_size', type=cli.positive_int, default=64, help='patch pairs per step (default 64)')
+    parser.add_argument('--repeat', type=cli.positive_int, default=100,
+                        help='times each training image is visited per epoch (default 100)')
+    parser.add_argument('--num_workers', type=cli.non_negative_int, default=0, help='data loader workers (default 0)')
+    parser.add_argument('--seed', type=cli.non_negative_int, default=0, help='random seed (default 0)')
+    parser.add_argument('--ckpt_dir', default='ckpts', help='checkpoint folder (default ckpts)')
+    parser.add_argument('--eval_every', type=cli.non_negative_int, default=0,
+                        help='evaluate on the test set every K epochs (default 0: off; the original did every epoch)')
+    parser.add_argument('--resume', action='store_true', help='continue from the state saved after the last epoch')
+    cli.add_run_args(parser)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    device = cli.resolve_device(args.device)
+    cfg = TrainConfig(obj=args.obj, data_root=mvtecad.resolve_data_root(args.data_root), ckpt_dir=Path(args.ckpt_dir),
+                      epochs=args.epochs, lambda_value=args.lambda_value, D=args.D, lr=args.lr,
+                      batch_size=args.batch_size, repeat=args.repeat, num_workers=args.num_workers, seed=args.seed,
+                      resize=args.resize, device=str(device), resume=args.resume)
+    test_data: list[mvtecad.LoadedClass] = []   # loaded on the first evaluation only
+
+    def evaluate(epoch: int, enc) -> dict:
+        if not args.eval_every:
+            return {}
+        if epoch % args.eval_every:
+            return {'det_mult': '', 'seg_mult': ''}
+        if not test_data:
+            test_data.append(mvtecad.load_class(mvtecad.find_class(cfg.data_root, cfg.obj), cfg.resize))
+        result = inspection.evaluate(enc, test_data[0], 'ngt', device)
+        print(f'epoch {epoch}: ' + inspection.result_line(result.aurocs, cfg.obj))
+        enc.train()
+        return {'det_mult': result.aurocs['det_mult'], 'seg_mult': result.aurocs['seg_mult']}
+
+    path = train(cfg, evaluate)
+    print(f'encoder saved to {path}')
+    print(f'evaluate it with: python main_evaluate.py --obj={cfg.obj} --epochs={cfg.epochs} '
+          f'--lambda_value={cfg.lambda_value} --D={cfg.D} --ckpt_dir={cfg.ckpt_dir}')
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run(lambda: run(args), args.debug)
+
+
+if __name__ == '__main__':
+    main()
