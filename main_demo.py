@@ -1,0 +1,46 @@
+"""A two-minute tour on the CPU: make a small synthetic class, train briefly, evaluate, draw the maps.
+
+    python main_demo.py [--out_dir demo_output]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import main_evaluate
+import main_train
+import main_visualize
+from codes import cli
+from codes.synthetic import make_synthetic_class
+
+OBJ = 'synthetic'
+
+
+def run(out_dir: Path, device: str) -> None:
+    data_root = out_dir / 'data'
+    ckpt_dir = out_dir / 'ckpts'
+    make_synthetic_class(data_root, OBJ)
+    print(f'1/4 synthetic class written to {data_root / OBJ}')
+    common = [f'--obj={OBJ}', f'--data_root={data_root}', f'--ckpt_dir={ckpt_dir}', f'--device={device}']
+    print('2/4 training (2 short epochs)')
+    main_train.main(common + ['--epochs=2', '--repeat=10', '--batch_size=32'])
+    print('3/4 evaluating')
+    main_evaluate.main(common + ['--epochs=2', f'--results_dir={out_dir / "results"}'])
+    print('4/4 drawing anomaly maps')
+    main_visualize.main(common + ['--epochs=2', f'--out_dir={out_dir / "anomaly_maps" / OBJ}'])
+    print(f'done: data {data_root}, checkpoints {ckpt_dir / OBJ}, results {out_dir / "results" / OBJ}, '
+          f'pictures {out_dir / "anomaly_maps" / OBJ}')
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out_dir', default=None, help='where everything goes (default: a new temporary folder)')
+    parser.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix='patchsvdd-demo-'))
+    cli.run(lambda: run(out_dir, args.device))
+
+
+if __name__ == '__main__':
+    main()
