@@ -1,0 +1,73 @@
+"""The authors' bottle encoder on the real bottle data against what the authors' code computed
+(../shared/reference), for both resize filters."""
+import numpy as np
+import pytest
+
+from codes import inspection, mvtecad
+from codes.checkpoints import load_encoder
+from codes.embeddings import embed_images
+from codes.nearest_neighbor import nearest_distances
+from tests.conftest import load_reference
+
+SUBSET = [0, 25, 50, 70]   # test images whose exact K=32 scores are compared (the full class takes ~7 min)
+
+
+@pytest.fixture(scope='module', params=['nearest', 'bicubic'])
+def bottle(request, shared, mvtec_root, bottle_ckpt):
+    resize = request.param
+    info, ref_maps = load_reference(shared, resize)
+    data = mvtecad.load_class(mvtecad.find_class(mvtec_root, 'bottle'), resize)
+    enc = load_encoder(bottle_ckpt, 64)
+    mean = mvtecad.mean_image(data.train)
+    tr64, tr32 = embed_images(enc, data.train, mean, 'cpu')
+    te64, te32 = embed_images(enc, data.test, mean, 'cpu')
+    s64 = nearest_distances(te64, tr64, 'exact')
+    return dict(resize=resize, info=info, ref=ref_maps, data=data, tr32=tr32, te32=te32, s64=s64)
+
+
+def relative_difference(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max |ours - ref| / |ref|; where ref is exactly 0, ours must be exactly 0."""
+    diff = np.abs(ours.astype(np.float64) - ref)
+    assert np.all(diff[ref == 0] == 0)
+    return float((diff[ref != 0] / np.abs(ref[ref != 0])).max())
+
+
+def test_test_order_labels_and_masks(bottle):
+    data = bottle['data']
+    assert [p.relative_to(data.files.folder).as_posix() for p in data.files.test] == bottle['info']['test_order']
+    assert data.files.labels.tolist() == [1] * 63 + [0] * 20
+    assert data.train.shape == (209, 256, 256, 3) and data.train.dtype == np.uint8
+    assert data.masks.shape == (83, 256, 256) and data.masks.dtype == bool
+    assert data.masks[:63].reshape(63, -1).any(1).all() and not data.masks[63:].any()
+
+
+def test_k64_scores_equal_the_reference(bottle):
+    assert bottle['s64'].shape == (83, 13, 13)
+    assert relative_difference(bottle['s64'], bottle['ref']['m64']) <= 1e-4
+
+
+def test_k32_exact_scores_equal_the_reference_on_a_subset(bottle):
+    ours = nearest_distances(bottle['te32'][SUBSET], bottle['tr32'], 'exact')
+    assert ours.shape == (len(SUBSET), 57, 57)
+    assert relative_difference(ours, bottle['ref']['m32_exact'][SUBSET]) <= 1e-4
+
+
+@pytest.mark.parametrize('k32,suffix', [('m32_exact', '_exact'), ('m32_ngt', '')])
+def test_aurocs_from_the_maps_equal_the_reference(bottle, k32, suffix):
+    """Our K=64 scores with the reference's K=32 scores give the reference's eight AUROCs to 3 decimals."""
+    data = bottle['data']
+    maps = inspection.score_maps(bottle['s64'], bottle['ref'][k32])
+    aurocs = inspection.assess(maps, data.files.labels, data.masks)
+    ref = bottle['info']['aurocs']
+    for name, value in aurocs.items():
+        assert round(value, 3) == round(ref[name + suffix], 3), name
+
+
+@pytest.mark.parametrize('bottle', ['nearest'], indirect=True)   # one filter keeps CI short
+def test_default_ngt_search_is_within_0_01_of_the_original(bottle):
+    data = bottle['data']
+    s32 = nearest_distances(bottle['te32'], bottle['tr32'], 'ngt')
+    aurocs = inspection.assess(inspection.score_maps(bottle['s64'], s32), data.files.labels, data.masks)
+    ref = bottle['info']['aurocs']
+    for name, value in aurocs.items():
+        assert abs(value - ref[name]) <= 0.01, name
