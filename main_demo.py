@@ -15,6 +15,7 @@ from codes import cli
 from codes.synthetic import make_synthetic_class
 
 OBJ = 'synthetic'
+EPOCHS = 4
 
 
 def run(out_dir: Path, device: str) -> None:
@@ -23,12 +24,12 @@ def run(out_dir: Path, device: str) -> None:
     make_synthetic_class(data_root, OBJ)
     print(f'1/4 synthetic class written to {data_root / OBJ}')
     common = [f'--obj={OBJ}', f'--data_root={data_root}', f'--ckpt_dir={ckpt_dir}', f'--device={device}']
-    print('2/4 training (2 short epochs)')
-    main_train.main(common + ['--epochs=2', '--repeat=10', '--batch_size=32'])
+    print(f'2/4 training ({EPOCHS} short epochs)')
+    main_train.main(common + [f'--epochs={EPOCHS}', '--repeat=40', '--batch_size=32'])
     print('3/4 evaluating')
-    main_evaluate.main(common + ['--epochs=2', f'--results_dir={out_dir / "results"}'])
+    main_evaluate.main(common + [f'--epochs={EPOCHS}', f'--results_dir={out_dir / "results"}'])
     print('4/4 drawing anomaly maps')
-    main_visualize.main(common + ['--epochs=2', f'--out_dir={out_dir / "anomaly_maps" / OBJ}'])
+    main_visualize.main(common + [f'--epochs={EPOCHS}', f'--out_dir={out_dir / "anomaly_maps" / OBJ}'])
     print(f'done: data {data_root}, checkpoints {ckpt_dir / OBJ}, results {out_dir / "results" / OBJ}, '
           f'pictures {out_dir / "anomaly_maps" / OBJ}')
 

@@ -25,10 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    device = cli.resolve_device(args.device)
-    root = mvtecad.resolve_data_root(args.data_root)
-    ckpt = cli.encoder_path(args)
-    files = mvtecad.find_class(root, args.obj)
+    device, files, ckpt = cli.resolve_inputs(args)
     enc = load_encoder(ckpt, args.D, device)
     t = time.perf_counter()
     data = mvtecad.load_class(files, args.resize)
@@ -39,7 +36,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         'obj': args.obj,
         'aurocs': result.aurocs,
         'settings': {'resize': args.resize, 'nn': args.nn, 'D': args.D, 'device': str(device),
-                     'data_root': str(root), 'checkpoint': str(ckpt), 'checkpoint_sha256': file_sha256(ckpt),
+                     'data_root': str(files.folder.parent), 'checkpoint': str(ckpt), 'checkpoint_sha256': file_sha256(ckpt),
                      'n_train': len(files.train), 'n_test': len(files.test)},
         'times_s': {'load': load_time, **result.times, 'total': time.perf_counter() - started},
     }

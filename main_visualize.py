@@ -21,11 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    device = cli.resolve_device(args.device)
-    root = mvtecad.resolve_data_root(args.data_root)
-    ckpt = cli.encoder_path(args)
+    device, files, ckpt = cli.resolve_inputs(args)
     out_dir = Path(args.out_dir) if args.out_dir else Path('anomaly_maps') / args.obj
-    files = mvtecad.find_class(root, args.obj)
     enc = load_encoder(ckpt, args.D, device)
     data = mvtecad.load_class(files, args.resize)
     result = inspection.anomaly_maps(enc, data, args.nn, device, args.batch_size)

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoints import resolve_encoder_path
 from .errors import UserError
-from .mvtecad import RESIZE_FILTERS
+from .mvtecad import RESIZE_FILTERS, ClassFiles, find_class, resolve_data_root
 
 
 def _number(text: str, kind: type, minimum: float, strict: bool) -> float:
@@ -70,6 +70,13 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def encoder_path(args: argparse.Namespace, obj: str | None = None) -> Path:
     return resolve_encoder_path(obj or args.obj, args.ckpt, args.ckpt_dir, args.epochs, args.lambda_value, args.D)
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[torch.device, ClassFiles, Path]:
+    """Device, the class's files and the encoder checkpoint, checked in that order before any work."""
+    device = resolve_device(args.device)
+    files = find_class(resolve_data_root(args.data_root), args.obj)
+    return device, files, encoder_path(args)
 
 
 def resolve_device(name: str | None) -> torch.device:
