@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from codes import cli, inspection, mvtecad
+from codes.memory_bank import build_bank
 from codes.training import TrainConfig, train
 
 
@@ -34,16 +35,17 @@ def run(args: argparse.Namespace) -> None:
                       epochs=args.epochs, lambda_value=args.lambda_value, D=args.D, lr=args.lr,
                       batch_size=args.batch_size, repeat=args.repeat, num_workers=args.num_workers, seed=args.seed,
                       resize=args.resize, device=str(device), resume=args.resume)
-    test_data: list[mvtecad.LoadedClass] = []   # loaded on the first evaluation only
+    loaded: list[mvtecad.LoadedClass] = []   # train and test images, read on the first evaluation only
 
     def evaluate(epoch: int, enc) -> dict:
         if not args.eval_every:
             return {}
         if epoch % args.eval_every:
             return {'det_mult': '', 'seg_mult': ''}
-        if not test_data:
-            test_data.append(mvtecad.load_class(mvtecad.find_class(cfg.data_root, cfg.obj), cfg.resize))
-        result = inspection.evaluate(enc, test_data[0], 'ngt', device)
+        if not loaded:
+            loaded.append(mvtecad.load_class(mvtecad.find_class(cfg.data_root, cfg.obj), cfg.resize))
+        bank = build_bank(enc, loaded[0].train, device)   # the encoder changed: nothing to cache
+        result = inspection.evaluate(enc, bank, loaded[0], 'ngt', device)
         print(f'epoch {epoch}: ' + inspection.result_line(result.aurocs, cfg.obj))
         enc.train()
         return {'det_mult': result.aurocs['det_mult'], 'seg_mult': result.aurocs['seg_mult']}

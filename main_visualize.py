@@ -4,29 +4,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codes import cli, inspection, mvtecad, visualization
-from codes.checkpoints import load_encoder
-from codes.nearest_neighbor import METHODS
+from codes import cli, inspection, visualization
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     cli.add_data_args(parser)
     cli.add_checkpoint_args(parser)
-    parser.add_argument('--nn', choices=METHODS, default='ngt', help='nearest-neighbour search (as main_evaluate.py)')
-    parser.add_argument('--batch_size', type=cli.positive_int, default=8, help='images per encoder pass (default 8)')
+    cli.add_search_args(parser)
     parser.add_argument('--out_dir', default=None, help='output folder (default anomaly_maps/<obj>)')
     cli.add_run_args(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    device, files, ckpt = cli.resolve_inputs(args)
     out_dir = Path(args.out_dir) if args.out_dir else Path('anomaly_maps') / args.obj
-    enc = load_encoder(ckpt, args.D, device)
-    data = mvtecad.load_class(files, args.resize)
-    result = inspection.anomaly_maps(enc, data, args.nn, device, args.batch_size)
-    paths = visualization.save_panels(data, result.maps['mult'], out_dir)
+    prepared = cli.prepare(args)
+    result = inspection.anomaly_maps(prepared.enc, prepared.bank, prepared.data.test, args.nn, prepared.device,
+                                     args.batch_size)
+    paths = visualization.save_panels(prepared.data, result.maps['mult'], out_dir)
     print(f'{len(paths)} pictures written to {out_dir}')
 
 

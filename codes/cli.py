@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoints import resolve_encoder_path
+from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
-from .mvtecad import RESIZE_FILTERS, ClassFiles, find_class, resolve_data_root
+from .memory_bank import MemoryBank, default_cache_dir, load_or_build
+from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
+from .nearest_neighbor import METHODS
+from .networks import EncoderHier
 
 
 def _number(text: str, kind: type, minimum: float, strict: bool) -> float:
@@ -63,6 +68,16 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                              'without it: <ckpt_dir>/<obj>/enchier.pkl (the authors\' name)')
 
 
+def add_search_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--nn', choices=METHODS, default='ngt',
+                        help='nearest-neighbour search: ngt = exact at K=64 and NGT at K=32, as the original '
+                             '(default); exact = exact at both; faiss = faiss flat index at both (needs faiss-cpu)')
+    parser.add_argument('--batch_size', type=positive_int, default=8, help='images per encoder pass (default 8)')
+    parser.add_argument('--cache_dir', default=None,
+                        help=f'memory bank cache (default {default_cache_dir()}, or $XDG_CACHE_HOME/patchsvdd)')
+    parser.add_argument('--no_cache', action='store_true', help='compute the memory bank afresh and keep nothing')
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda when available, else cpu)')
     parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
@@ -77,6 +92,31 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[torch.device, ClassFiles, 
     device = resolve_device(args.device)
     files = find_class(resolve_data_root(args.data_root), args.obj)
     return device, files, encoder_path(args)
+
+
+@dataclass
+class Prepared:
+    """What an evaluation needs, loaded from the flags."""
+    device: torch.device
+    ckpt: Path
+    enc: EncoderHier
+    bank: MemoryBank
+    bank_source: str      # 'cached', 'built' or 'rebuilt'
+    data: LoadedClass     # test images and masks (training images are in the bank)
+    times: dict[str, float]
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Checks the inputs, loads the encoder, the memory bank (cached when allowed) and the test set."""
+    device, files, ckpt = resolve_inputs(args)
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    enc = load_encoder(ckpt, args.D, device)
+    started = time.perf_counter()
+    bank, source = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size)
+    bank_time = time.perf_counter() - started
+    data = load_class(files, args.resize, train=False)
+    times = {'bank': bank_time, 'load_test': time.perf_counter() - started - bank_time}
+    return Prepared(device, ckpt, enc, bank, source, data, times)
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -10,7 +10,8 @@ import torch
 
 from . import metrics
 from .embeddings import STRIDE_32, STRIDE_64, embed_images
-from .mvtecad import IMAGE_SIZE, LoadedClass, mean_image
+from .memory_bank import MemoryBank
+from .mvtecad import IMAGE_SIZE, LoadedClass
 from .nearest_neighbor import nearest_distances
 from .networks import EncoderHier
 
@@ -59,9 +60,9 @@ def search_methods(nn: str) -> tuple[str, str]:
     return ('exact', 'ngt') if nn == 'ngt' else (nn, nn)
 
 
-def anomaly_maps(enc: EncoderHier, data: LoadedClass, nn: str = 'ngt', device: torch.device | str = 'cpu',
-                 batch_size: int = 8) -> Evaluation:
-    """Patch scores and the four maps, computed densely (aurocs left empty)."""
+def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'ngt',
+                 device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
+    """Patch scores of the test images against the memory bank, and the four maps (aurocs left empty)."""
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -72,25 +73,22 @@ def anomaly_maps(enc: EncoderHier, data: LoadedClass, nn: str = 'ngt', device: t
         clock = now
 
     device = torch.device(device)
-    mean = mean_image(data.train)
-    tr64, tr32 = embed_images(enc, data.train, mean, device, batch_size, desc='embed train')
-    lap('embed_train')
-    te64, te32 = embed_images(enc, data.test, mean, device, batch_size, desc='embed test')
+    te64, te32 = embed_images(enc, test_images, bank.mean, device, batch_size, desc='embed test')
     lap('embed_test')
     method64, method32 = search_methods(nn)
-    s64 = nearest_distances(te64, tr64, method64, device, desc='search K=64')
+    s64 = nearest_distances(te64, bank.emb64, method64, device, desc='search K=64')
     lap('nn64')
-    s32 = nearest_distances(te32, tr32, method32, device, desc='search K=32')
+    s32 = nearest_distances(te32, bank.emb32, method32, device, desc='search K=32', ngt_path=bank.ngt32)
     lap('nn32')
     maps = score_maps(s64, s32)
     lap('maps')
     return Evaluation({}, {'64': s64, '32': s32}, maps, times)
 
 
-def evaluate(enc: EncoderHier, data: LoadedClass, nn: str = 'ngt', device: torch.device | str = 'cpu',
-             batch_size: int = 8) -> Evaluation:
+def evaluate(enc: EncoderHier, bank: MemoryBank, data: LoadedClass, nn: str = 'ngt',
+             device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
     """The original's `eval_encoder_NN_multiK`: maps and their detection / segmentation AUROCs."""
-    result = anomaly_maps(enc, data, nn, device, batch_size)
+    result = anomaly_maps(enc, bank, data.test, nn, device, batch_size)
     started = time.perf_counter()
     result.aurocs = assess(result.maps, data.files.labels, data.masks)
     result.times['metrics'] = time.perf_counter() - started

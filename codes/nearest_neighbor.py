@@ -8,7 +8,9 @@ Backends (each finds the nearest training row, then the distance to it is comput
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,12 +28,24 @@ NGT_QUERY_CHUNK = 16384
 
 
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, method: str = 'exact',
-                      device: torch.device | str = 'cpu', desc: str = 'search') -> np.ndarray:
-    """For embeddings `queries` (..., D) and `bank` (M, D): the distance to the nearest bank row, float32 (...)."""
-    flat = np.ascontiguousarray(queries.reshape(-1, queries.shape[-1]), dtype=np.float32)
-    bank = np.ascontiguousarray(bank.reshape(-1, bank.shape[-1]), dtype=np.float32)
-    ids = nearest_ids(flat, bank, method, device, desc)
+                      device: torch.device | str = 'cpu', desc: str = 'search',
+                      ngt_path: Path | None = None) -> np.ndarray:
+    """For embeddings `queries` (..., D) and `bank` (M, D): the distance to the nearest bank row, float32 (...).
+
+    With `ngt_path`, the NGT index of `bank` is opened from there if it exists, else built there.
+    """
+    flat = as_rows(queries)
+    bank = as_rows(bank)
+    if method == 'ngt' and ngt_path is not None:
+        ids = NGTIndex.cached(bank, ngt_path).nearest_ids(flat, desc)
+    else:
+        ids = nearest_ids(flat, bank, method, device, desc)
     return distances_to(flat, bank, ids).reshape(queries.shape[:-1])
+
+
+def as_rows(embeddings: np.ndarray) -> np.ndarray:
+    """(..., D) -> contiguous float32 (M, D), as NGT and faiss want it."""
+    return np.ascontiguousarray(embeddings.reshape(-1, embeddings.shape[-1]), dtype=np.float32)
 
 
 def nearest_ids(queries: np.ndarray, bank: np.ndarray, method: str, device: torch.device | str = 'cpu',
@@ -40,7 +54,8 @@ def nearest_ids(queries: np.ndarray, bank: np.ndarray, method: str, device: torc
     if method == 'exact':
         return exact_ids(queries, bank, torch.device(device), desc)
     if method == 'ngt':
-        return ngt_ids(queries, bank, desc)
+        with tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-') as folder:
+            return NGTIndex.build(bank, Path(folder) / 'index').nearest_ids(queries, desc)
     if method == 'faiss':
         return faiss_ids(queries, bank)
     raise UserError(f'--nn must be one of {", ".join(METHODS)}, not {method!r}')
@@ -76,24 +91,59 @@ def exact_ids(queries: np.ndarray, bank: np.ndarray, device: torch.device, desc:
     return ids
 
 
-def ngt_ids(queries: np.ndarray, bank: np.ndarray, desc: str = 'search') -> np.ndarray:
-    import ngtpy
-    ids = np.empty(len(queries), np.int64)
-    with tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-') as folder:
-        path = os.path.join(folder, 'index')
-        ngtpy.create(path, bank.shape[1])       # ANNG, L2, edge sizes 10 / 40: the original's defaults
-        index = ngtpy.Index(path, log_disabled=True)
-        index.batch_insert(bank, num_threads=os.cpu_count() or 1)
+class NGTIndex:
+    """An NGT graph index on disk with the original's settings (ANNG, L2, edge sizes 10 for creation, 40 for search)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    @classmethod
+    def build(cls, bank: np.ndarray, path: Path, save: bool = False) -> NGTIndex:
+        import ngtpy
+        ngtpy.create(str(path), bank.shape[1])   # the defaults are the original's settings
+        index = ngtpy.Index(str(path), log_disabled=True)
+        index.batch_insert(as_rows(bank), num_threads=os.cpu_count() or 1)
+        if save:
+            index.save()
+        return cls(index)
+
+    @classmethod
+    def open(cls, path: Path) -> NGTIndex:
+        import ngtpy
+        return cls(ngtpy.Index(str(path), read_only=True, log_disabled=True))
+
+    @classmethod
+    def cached(cls, bank: np.ndarray, path: Path) -> NGTIndex:
+        """Opens the index saved at `path` if it holds `bank`'s rows; else builds it beside and renames it there."""
+        if path.exists():
+            try:
+                index = cls.open(path)
+                if index.index.get_num_of_objects() == len(bank):
+                    return index
+            except RuntimeError:
+                pass
+            shutil.rmtree(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
+        try:
+            cls.build(bank, tmp / 'index', save=True).index.close()
+            os.replace(tmp / 'index', path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(path)
+
+    def nearest_ids(self, queries: np.ndarray, desc: str = 'search') -> np.ndarray:
+        """Batch queries in chunks (for the progress bar), one result each."""
+        import ngtpy
+        ids = np.empty(len(queries), np.int64)
         results = ngtpy.BatchResults()
         for qs in tqdm(list(iter_batches(len(queries), NGT_QUERY_CHUNK)), desc=desc, unit='chunk', leave=False,
                        disable=None):
-            index.batch_search(queries[qs], results, 1)
+            self.index.batch_search(queries[qs], results, 1)
             found = results.get_indexed_ids()
-            if len(found) != qs.stop - qs.start:  # NGT found nothing for a query: fall back to exact for the chunk
-                found = exact_ids(queries[qs], bank, torch.device('cpu'))
+            if len(found) != qs.stop - qs.start:
+                raise RuntimeError(f'NGT returned {len(found)} results for {qs.stop - qs.start} queries')
             ids[qs] = found
-        index.close()
-    return ids
+        return ids
 
 
 def faiss_ids(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:

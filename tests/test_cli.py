@@ -45,7 +45,7 @@ def test_training_writes_checkpoints_and_log(trained):
 
 def test_evaluate_finds_the_trained_checkpoint_and_writes_json(trained, synthetic_root):
     work, _ = trained
-    proc = run('main_evaluate.py', '--obj=synthetic', '--epochs=1', '--device=cpu', cwd=work,
+    proc = run('main_evaluate.py', '--obj=synthetic', '--epochs=1', '--device=cpu', '--cache_dir=cache', cwd=work,
                env={'MVTEC_ROOT': str(synthetic_root)})
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.splitlines()[0]
@@ -59,17 +59,25 @@ def test_evaluate_finds_the_trained_checkpoint_and_writes_json(trained, syntheti
     assert record['settings']['resize'] == 'nearest' and record['settings']['nn'] == 'ngt'
     assert record['settings']['n_train'] == 6 and record['settings']['n_test'] == 6
     assert record['settings']['checkpoint'].endswith('1_0.001_64_enchier.pkl')
+    assert record['settings']['memory_bank'] == 'built'
+    again = run('main_evaluate.py', '--obj=synthetic', '--epochs=1', '--device=cpu', '--cache_dir=cache', cwd=work,
+                env={'MVTEC_ROOT': str(synthetic_root)})
+    assert again.returncode == 0, again.stderr
+    second = json.loads((work / again.stdout.splitlines()[1].removeprefix('results written to ')).read_text())
+    assert second['settings']['memory_bank'] == 'cached'
+    assert second['aurocs']['det_64'] == record['aurocs']['det_64']    # exact at K=64: identical
 
 
 def test_visualize_writes_one_picture_per_test_image(trained, synthetic_root):
     work, _ = trained
     out = work / 'pictures'
     proc = run('main_visualize.py', '--obj=synthetic', f'--data_root={synthetic_root}', '--epochs=1',
-               f'--out_dir={out}', '--nn=exact', cwd=work)
+               f'--out_dir={out}', '--nn=exact', cwd=work, env={'XDG_CACHE_HOME': str(work / 'xdg')})
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f'{d}_{i:03d}.png' for d in ('good', 'scratch', 'spot') for i in range(2))
     assert all((out / n).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' for n in names)
+    assert len(list((work / 'xdg' / 'patchsvdd').iterdir())) == 1     # the bank went to the user's cache
 
 
 @pytest.mark.parametrize('args,message', [

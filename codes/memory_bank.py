@@ -1,0 +1,100 @@
+"""The memory bank: a checkpoint's training-patch embeddings (and their NGT index), computed once and cached.
+
+A cache entry is a folder named by a digest of its key: the checkpoint's SHA-256, each training
+image's name and SHA-256, the resize filter and the bank format. Changed inputs give another key;
+an entry whose stored key or arrays do not match is rebuilt, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import file_sha256
+from .embeddings import embed_images
+from .files import make_dir
+from .mvtecad import ClassFiles, load_images, mean_image
+from .networks import EncoderHier
+
+BANK_FORMAT = 1
+ARRAYS = ('mean', 'emb64', 'emb32')
+
+
+@dataclass
+class MemoryBank:
+    mean: np.ndarray              # the training set's mean image (HxWx3 float32), to standardise test images
+    emb64: np.ndarray             # (N_train, 13, 13, D) codes of the 64x64 patches
+    emb32: np.ndarray             # (N_train, 57, 57, D) codes of the 32x32 patches
+    ngt32: Path | None = None     # where the NGT index of emb32 is (or is to be) kept; None: not cached
+
+
+def build_bank(enc: EncoderHier, train_images: np.ndarray, device: torch.device | str,
+               batch_size: int = 8) -> MemoryBank:
+    mean = mean_image(train_images)
+    emb64, emb32 = embed_images(enc, train_images, mean, torch.device(device), batch_size, desc='embed train')
+    return MemoryBank(mean, emb64, emb32)
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/patchsvdd, else ~/.cache/patchsvdd."""
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'patchsvdd'
+
+
+def bank_key(ckpt: Path, files: ClassFiles, resize: str) -> dict:
+    return {'format': BANK_FORMAT, 'checkpoint_sha256': file_sha256(ckpt), 'resize': resize,
+            'train': [[p.name, file_sha256(p)] for p in files.train]}
+
+
+def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, device: torch.device | str,
+                  cache_dir: Path | None, batch_size: int = 8) -> tuple[MemoryBank, str]:
+    """The bank for this checkpoint, training set and filter, and how it was had: 'cached', 'built' or
+    'rebuilt' (an entry was there but did not match). With cache_dir None nothing is cached."""
+    if cache_dir is None:
+        return build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size), 'built'
+    make_dir(cache_dir, 'cache')
+    key = bank_key(ckpt, files, resize)
+    folder = cache_dir / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    bank = read_entry(folder, key, enc.D)
+    if bank is not None:
+        return bank, 'cached'
+    how = 'rebuilt' if folder.exists() else 'built'
+    bank = build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size)
+    write_entry(folder, key, bank)
+    bank.ngt32 = folder / 'ngt32'
+    return bank, how
+
+
+def read_entry(folder: Path, key: dict, D: int) -> MemoryBank | None:
+    """The cached bank if the entry is complete and its key and shapes match; else None."""
+    try:
+        if json.loads((folder / 'key.json').read_text()) != key:
+            return None
+        with np.load(folder / 'bank.npz') as z:
+            arrays = {name: z[name] for name in ARRAYS}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    n = len(key['train'])
+    if arrays['emb64'].shape[::3] != (n, D) or arrays['emb32'].shape[::3] != (n, D) or arrays['mean'].ndim != 3:
+        return None
+    return MemoryBank(**arrays, ngt32=folder / 'ngt32')
+
+
+def write_entry(folder: Path, key: dict, bank: MemoryBank) -> None:
+    """Writes the entry into a temporary folder beside it and renames that into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.', dir=folder.parent))
+    try:
+        np.savez(tmp / 'bank.npz', **{name: getattr(bank, name) for name in ARRAYS})
+        (tmp / 'key.json').write_text(json.dumps(key))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
