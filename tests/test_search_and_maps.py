@@ -42,10 +42,12 @@ def test_ngt_finds_nearly_all_nearest_neighbours(points, tmp_path):
     exact = brute_force(queries, bank)
     assert np.mean(d <= exact + 1e-6) >= 0.95 and np.all(d >= exact - 1e-6)   # approximate, never below exact
     path = tmp_path / 'ngt32'
-    first = nearest_distances(queries, bank, 'ngt', ngt_path=path)
+    nearest_distances(queries, bank, 'ngt', ngt_path=path)
     assert path.is_dir() and [p.name for p in tmp_path.iterdir()] == ['ngt32']
-    np.testing.assert_array_equal(nearest_distances(queries, bank, 'ngt', ngt_path=path), first)
-    assert NGTIndex.open(path).index.get_num_of_objects() == len(bank)
+    built_at = path.stat().st_mtime_ns
+    again = nearest_distances(queries, bank, 'ngt', ngt_path=path)     # opened, not rebuilt
+    assert path.stat().st_mtime_ns == built_at and NGTIndex.open(path).index.get_num_of_objects() == len(bank)
+    assert np.mean(again <= exact + 1e-6) >= 0.95   # NGT's answers may vary slightly from call to call
 
 
 def test_faiss_backend_is_exact_or_says_how_to_install(points):
