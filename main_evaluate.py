@@ -1,48 +1,99 @@
-"""Evaluate a Patch SVDD encoder on a class: `python main_evaluate.py --obj=bottle --epochs=300`."""
+"""Evaluate Patch SVDD encoders: `python main_evaluate.py --obj=bottle --epochs=300`.
+
+--obj takes one class, a comma list, or `all` (the 15 MVTec AD classes found under the data root).
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from codes import cli, inspection, reports
+from codes import cli, inspection, mvtecad, reports
 from codes.checkpoints import file_sha256
+from codes.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    cli.add_data_args(parser)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(parser, obj_help='class name, comma list of names, or all (default bottle)')
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)
-    parser.add_argument('--results_dir', default='results', help='where result JSON files go (default results)')
+    parser.add_argument('--results_dir', default='results', help='where result files go (default results)')
+    parser.add_argument('--save_maps', action='store_true',
+                        help='also write the four 256x256 maps, labels and mask paths to results/<obj>/<run>_maps.npz')
     cli.add_run_args(parser)
     return parser.parse_args(argv)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
+def evaluate_one(args: argparse.Namespace) -> dict:
+    """Evaluates args.obj: prints the original's line and the further metrics, writes the result files."""
     started = time.perf_counter()
-    run = cli.prepare(args)
+    results_dir = Path(args.results_dir)
+    run = cli.prepare(args, outputs=((results_dir / args.obj, 'results'),))
     result = inspection.evaluate(run.enc, run.bank, run.data, args.nn, run.device, args.batch_size)
     print(inspection.result_line(result.aurocs, args.obj))
+    print(reports.metrics_block(result.metrics))
     files = run.data.files
     record = {
         'obj': args.obj,
         'aurocs': result.aurocs,
+        'metrics': result.metrics,
         'settings': {'resize': args.resize, 'nn': args.nn, 'D': args.D, 'device': str(run.device),
                      'data_root': str(files.folder.parent), 'checkpoint': str(run.ckpt),
                      'checkpoint_sha256': file_sha256(run.ckpt), 'memory_bank': run.bank_source,
-                     'n_train': len(files.train), 'n_test': len(files.test)},
+                     'n_train': len(files.train), 'n_test': len(files.test), 'has_masks': files.masks is not None},
         'times_s': {**run.times, **result.times, 'total': time.perf_counter() - started},
     }
-    path = reports.write_result(Path(args.results_dir), args.obj, reports.run_name(run.ckpt, args.resize, args.nn),
-                                record)
+    name = reports.run_name(run.ckpt, args.resize, args.nn)
+    if args.save_maps:
+        maps_path = results_dir / args.obj / f'{name}_maps.npz'
+        reports.save_maps(maps_path, result.maps, files.labels, files.test, files.masks)
+        record['maps_npz'] = str(maps_path)
+        print(f'maps written to {maps_path}')
+    path = reports.write_result(results_dir, args.obj, name, record)
     print(f'results written to {path}')
     return record
 
 
+def classes(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(classes to evaluate, requested classes not found under the data root)."""
+    root = mvtecad.resolve_data_root(args.data_root)
+    wanted = list(mvtecad.OBJS) if args.obj == 'all' else [o.strip() for o in args.obj.split(',') if o.strip()]
+    present = [o for o in wanted if (root / o).is_dir()]
+    return present, [o for o in wanted if o not in present]
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.obj != 'all' and ',' not in args.obj:
+        evaluate_one(args)
+        return
+    if args.ckpt:
+        raise UserError('--ckpt names one checkpoint; for several classes use --ckpt_dir (holding <obj>/enchier.pkl) '
+                        'or --epochs')
+    present, missing = classes(args)
+    if missing:
+        print(f'not found under the data root, skipped: {", ".join(missing)}')
+    if not present:
+        raise UserError(f'none of the classes {args.obj!r} is under the data root')
+    records, failed = [], []
+    for obj in present:
+        print(f'== {obj}')
+        try:
+            records.append(evaluate_one(argparse.Namespace(**{**vars(args), 'obj': obj})))
+        except UserError as e:   # one class's problem does not stop the others
+            print(f'error: {e}', file=sys.stderr)
+            failed.append(obj)
+    if records:
+        print()
+        print(reports.markdown_table(records))
+    if failed:
+        raise UserError(f'{len(failed)} of {len(present)} classes failed: {", ".join(failed)} (see above)')
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cli.run(lambda: evaluate(args), args.debug)
+    cli.run(lambda: run(args), args.debug)
 
 
 if __name__ == '__main__':

@@ -13,17 +13,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)
     parser.add_argument('--out_dir', default=None, help='output folder (default anomaly_maps/<obj>)')
+    parser.add_argument('--normalize', choices=visualization.NORMALIZATIONS, default='test_set',
+                        help='colour scale: one for the whole test set (default) or per image')
     cli.add_run_args(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir) if args.out_dir else Path('anomaly_maps') / args.obj
-    prepared = cli.prepare(args)
+    prepared = cli.prepare(args, outputs=((out_dir, 'output'),))
     result = inspection.anomaly_maps(prepared.enc, prepared.bank, prepared.data.test, args.nn, prepared.device,
                                      args.batch_size)
-    paths = visualization.save_panels(prepared.data, result.maps['mult'], out_dir)
-    print(f'{len(paths)} pictures written to {out_dir}')
+    written = visualization.save_all(prepared.data, result.maps['mult'], out_dir, args.normalize)
+    print(f'{len(written["panels"])} panels, {", ".join(f.name for f in written["figures"])} and index.html '
+          f'written to {out_dir}')
+    print(f'open {written["index"]} in a browser')
 
 
 def main(argv: list[str] | None = None) -> None:

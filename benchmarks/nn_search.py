@@ -28,10 +28,14 @@ from codes.nearest_neighbor import NGTIndex, as_rows, distances_to, exact_ids, f
 
 
 def ngt_single(queries: np.ndarray, bank: np.ndarray, folder: Path) -> tuple[np.ndarray, float, float]:
+    """The original's loop: per patch one search(), one get_object() and a NumPy norm."""
     t = time.perf_counter()
     index = NGTIndex.build(bank, folder / 'single').index
     built = time.perf_counter() - t
-    ids = np.array([index.search(q, 1)[0][0] for q in queries], np.int64)
+    ids = np.empty(len(queries), np.int64)
+    for k, q in enumerate(queries):
+        ids[k] = index.search(q, 1)[0][0]
+        np.linalg.norm(q - np.asarray(index.get_object(int(ids[k])), np.float32))   # the original's distance
     return ids, built, time.perf_counter() - t - built
 
 
@@ -93,7 +97,7 @@ def main() -> None:
         s64 = nearest_distances(te64, bank.emb64, 'exact')
         for name, (dist, _, _) in results.items():
             maps = inspection.score_maps(s64, dist.reshape(te32.shape[:-1]))
-            aurocs[name] = inspection.assess(maps, data.files.labels, data.masks)
+            aurocs[name] = inspection.aurocs(maps, data.files.labels, data.masks)
 
     print(f'\n## K=32 search, {args.obj}: {len(train32):,} training patches, {len(queries):,} queries, D=64\n')
     columns = ['search', 'build s', 'query s', 'total s', 'speed vs one-by-one', 'recall@1']

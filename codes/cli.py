@@ -12,6 +12,7 @@ import torch
 
 from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
+from .files import make_dir
 from .memory_bank import MemoryBank, default_cache_dir, load_or_build
 from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
 from .nearest_neighbor import METHODS
@@ -106,9 +107,12 @@ class Prepared:
     times: dict[str, float]
 
 
-def prepare(args: argparse.Namespace) -> Prepared:
-    """Checks the inputs, loads the encoder, the memory bank (cached when allowed) and the test set."""
+def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Prepared:
+    """Checks the inputs, creates the (folder, what) outputs, then loads the encoder, the memory bank
+    (cached when allowed) and the test set. Bad input or an unwritable folder stops it before any work."""
     device, files, ckpt = resolve_inputs(args)
+    for folder, what in outputs:
+        make_dir(folder, what)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     enc = load_encoder(ckpt, args.D, device)
     started = time.perf_counter()

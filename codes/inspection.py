@@ -20,10 +20,15 @@ MAP_NAMES = ('64', '32', 'sum', 'mult')
 
 @dataclass
 class Evaluation:
-    aurocs: dict[str, float | None]          # det_64, seg_64, ... det_mult, seg_mult (seg None without masks)
     patch_scores: dict[str, np.ndarray]      # '64': (N,13,13), '32': (N,57,57)
     maps: dict[str, np.ndarray]              # MAP_NAMES -> (N,256,256) float64
     times: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)   # MAP_NAMES -> map_metrics()
+
+    @property
+    def aurocs(self) -> dict[str, float | None]:
+        """det_64, seg_64, ... det_mult, seg_mult, as the original reports them (seg None without masks)."""
+        return {f'{kind}_{name}': self.metrics[name][kind] for name in MAP_NAMES for kind in ('det', 'seg')}
 
 
 def coverage(side: int, K: int, S: int, n: int) -> np.ndarray:
@@ -47,12 +52,19 @@ def score_maps(scores64: np.ndarray, scores32: np.ndarray) -> dict[str, np.ndarr
     return {'64': m64, '32': m32, 'sum': m64 + m32, 'mult': m64 * m32}
 
 
-def assess(maps: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndarray | None) -> dict[str, float | None]:
+def aurocs(maps: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndarray | None) -> dict[str, float | None]:
+    """The original's eight figures only (det_64, seg_64, ... det_mult, seg_mult)."""
     out: dict[str, float | None] = {}
     for name in MAP_NAMES:
         out[f'det_{name}'] = metrics.detection_auroc(labels, maps[name])
         out[f'seg_{name}'] = metrics.segmentation_auroc(masks, maps[name]) if masks is not None else None
     return out
+
+
+def assess(maps: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndarray | None
+           ) -> dict[str, dict[str, float | None]]:
+    """Every metric of every map."""
+    return {name: metrics.map_metrics(labels, masks, maps[name]) for name in MAP_NAMES}
 
 
 def search_methods(nn: str) -> tuple[str, str]:
@@ -62,7 +74,7 @@ def search_methods(nn: str) -> tuple[str, str]:
 
 def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'ngt',
                  device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
-    """Patch scores of the test images against the memory bank, and the four maps (aurocs left empty)."""
+    """Patch scores of the test images against the memory bank, and the four maps (metrics left empty)."""
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -82,15 +94,15 @@ def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn
     lap('nn32')
     maps = score_maps(s64, s32)
     lap('maps')
-    return Evaluation({}, {'64': s64, '32': s32}, maps, times)
+    return Evaluation({'64': s64, '32': s32}, maps, times)
 
 
 def evaluate(enc: EncoderHier, bank: MemoryBank, data: LoadedClass, nn: str = 'ngt',
              device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
-    """The original's `eval_encoder_NN_multiK`: maps and their detection / segmentation AUROCs."""
+    """The original's `eval_encoder_NN_multiK`: the maps and all their metrics."""
     result = anomaly_maps(enc, bank, data.test, nn, device, batch_size)
     started = time.perf_counter()
-    result.aurocs = assess(result.maps, data.files.labels, data.masks)
+    result.metrics = assess(result.maps, data.files.labels, data.masks)
     result.times['metrics'] = time.perf_counter() - started
     return result
 

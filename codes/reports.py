@@ -1,10 +1,20 @@
-"""Result files: one JSON per evaluation run, with its numbers, settings and timings."""
+"""Result files and printed summaries: one JSON per evaluation, a row per evaluation in
+results/summary.csv, optional saved maps, and a Markdown table for many classes beside the paper's."""
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
 
-from .files import make_dir, write_json
+import numpy as np
+
+from .files import append_csv_row, atomic_open, make_dir, write_json
+
+# The paper's MVTec AD results (AUROC %, detection / segmentation, mult map), SPEC.md.
+PAPER = {'bottle': (98.6, 98.1), 'cable': (90.3, 96.8), 'capsule': (76.7, 95.8), 'carpet': (92.9, 92.6),
+         'grid': (94.6, 96.2), 'hazelnut': (92.0, 97.5), 'leather': (90.9, 97.4), 'metal_nut': (94.0, 98.0),
+         'pill': (86.1, 95.1), 'screw': (81.3, 95.7), 'tile': (97.8, 91.4), 'toothbrush': (100.0, 98.1),
+         'transistor': (91.5, 97.0), 'wood': (96.5, 90.8), 'zipper': (97.9, 95.1)}
+MAP_LABELS = {'64': 'K64', '32': 'K32', 'sum': 'sum', 'mult': 'mult'}
 
 
 def run_name(ckpt: Path, resize: str, nn: str) -> str:
@@ -12,10 +22,61 @@ def run_name(ckpt: Path, resize: str, nn: str) -> str:
     return f'{stamp}_{ckpt.stem}_{resize}_{nn}'
 
 
+def pct(value: float | None, width: int = 5) -> str:
+    return f'{value * 100:{width}.1f}' if value is not None else f'{"n/a":>{width}}'
+
+
+def metrics_block(metrics: dict[str, dict[str, float | None]]) -> str:
+    """The second printed block: AUPRO (FPR <= 0.3), pixel AP and image F1-max for each map."""
+    lines = ['       AUPRO  pixAP  F1max  (F1 threshold)']
+    for name, m in metrics.items():
+        lines.append(f'{MAP_LABELS[name]:>5}  {pct(m["aupro"])}  {pct(m["pixel_ap"])}  {pct(m["f1_max"])}  '
+                     f'({m["f1_threshold"]:.4g})')
+    if next(iter(metrics.values()))['seg'] is None:
+        lines.append('(no ground-truth masks: segmentation metrics are not available)')
+    return '\n'.join(lines)
+
+
 def write_result(results_dir: Path, obj: str, name: str, record: dict) -> Path:
-    """Writes results/<obj>/<name>.json atomically and returns its path."""
+    """Writes results/<obj>/<name>.json and appends its row to results/summary.csv, both atomically."""
     folder = results_dir / obj
     make_dir(folder, 'results')
     path = folder / f'{name}.json'
     write_json(path, record)
+    mult = record['metrics']['mult']
+    row = {'run': name, 'obj': obj, 'checkpoint_sha256': record['settings']['checkpoint_sha256'],
+           'resize': record['settings']['resize'], 'nn': record['settings']['nn'],
+           **{k: '' if v is None else round(v, 6) for k, v in record['aurocs'].items()},
+           **{f'{k}_mult': '' if mult[k] is None else round(mult[k], 6) for k in ('aupro', 'pixel_ap', 'f1_max')},
+           'json': path.relative_to(results_dir).as_posix()}
+    append_csv_row(results_dir / 'summary.csv', row)
     return path
+
+
+def save_maps(path: Path, maps: dict[str, np.ndarray], labels: np.ndarray, test_paths: tuple[Path, ...],
+              mask_paths: tuple[Path | None, ...] | None) -> None:
+    """The four 256x256 maps (float32), labels and the test images' and masks' paths, in one .npz."""
+    make_dir(path.parent, 'results')
+    arrays = {f'maps_{name}': m.astype(np.float32) for name, m in maps.items()}
+    arrays.update(labels=labels, test_paths=np.array([str(p) for p in test_paths]),
+                  mask_paths=np.array(['' if p is None else str(p) for p in (mask_paths or [None] * len(test_paths))]))
+    with atomic_open(path, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Per class and mean: ours (mult map) beside the paper's Det / Seg, plus AUPRO, pixel AP, F1-max."""
+    head = ('| class | Det (ours) | Det (paper) | Seg (ours) | Seg (paper) | AUPRO | pixel AP | F1-max |\n'
+            '|---|---|---|---|---|---|---|---|')
+    rows, columns = [], []
+    for r in records:
+        m = r['metrics']['mult']
+        paper = PAPER.get(r['obj'], (None, None))
+        values = [m['det'], paper[0] / 100 if paper[0] else None, m['seg'], paper[1] / 100 if paper[1] else None,
+                  m['aupro'], m['pixel_ap'], m['f1_max']]
+        columns.append(values)
+        rows.append(f'| {r["obj"]} | ' + ' | '.join(pct(v, 0) for v in values) + ' |')
+    means = [np.mean([c[i] for c in columns]) if all(c[i] is not None for c in columns) else None
+             for i in range(7)]
+    rows.append(f'| **mean** ({len(records)}) | ' + ' | '.join(pct(v, 0) for v in means) + ' |')
+    return '\n'.join([head] + rows)

@@ -1,17 +1,27 @@
-"""Pictures of anomaly maps: per test image, the image with its ground-truth outline beside the map."""
+"""Pictures of anomaly maps: a panel per test image, ROC and PRO curve figures, and an index page.
+
+Maps share one colour scale over the whole test set by default (the authors' advice: per-image
+normalisation makes every image look anomalous); `per_image` scales each map to its own range.
+"""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
-from .files import atomic_save, make_dir
+from . import metrics
+from .files import atomic_open, atomic_save, make_dir
 from .mvtecad import LoadedClass
 
 matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+NORMALIZATIONS = ('test_set', 'per_image')
+CMAP = 'inferno'
 
 
 def panel_name(image_path: Path) -> str:
@@ -19,23 +29,102 @@ def panel_name(image_path: Path) -> str:
     return f'{image_path.parent.name}_{image_path.stem}.png'
 
 
-def save_panels(data: LoadedClass, maps: np.ndarray, out_dir: Path) -> list[Path]:
-    """One PNG per test image, each map on its own colour scale (as the original)."""
+def save_panels(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: str = 'test_set') -> list[Path]:
+    """Per test image: the image with its ground-truth outline, and the map as a heat overlay with a colour bar."""
     make_dir(out_dir, 'output')
+    low, high = float(maps.min()), float(maps.max())
     paths = []
-    for n, image_path in enumerate(tqdm(data.files.test, desc='pictures', unit='img', leave=False, disable=None)):
-        fig, axes = plt.subplots(ncols=2, figsize=(6, 3))
-        axes[0].imshow(data.test[n])
-        if data.masks is not None and data.masks[n].any():
-            axes[0].contour(data.masks[n], levels=[0.5], colors='lime', linewidths=1)
-        axes[0].set_title(f'{image_path.parent.name}/{image_path.name}', fontsize=8)
-        axes[1].imshow(maps[n], vmin=0, vmax=maps[n].max(), cmap='Reds')
-        axes[1].set_title(f'mult map, max {maps[n].max():.3g}', fontsize=8)
+    for n, image_path in enumerate(tqdm(data.files.test, desc='panels', unit='img', leave=False, disable=None)):
+        vmin, vmax = (float(maps[n].min()), float(maps[n].max())) if normalize == 'per_image' else (low, high)
+        fig, axes = plt.subplots(ncols=2, figsize=(7, 3.4))
         for ax in axes:
+            ax.imshow(data.test[n])
+            if data.masks is not None and data.masks[n].any():
+                ax.contour(data.masks[n], levels=[0.5], colors='lime', linewidths=1)
             ax.set_axis_off()
+        heat = axes[1].imshow(maps[n], cmap=CMAP, vmin=vmin, vmax=vmax, alpha=0.6)
+        fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+        label = 'normal' if data.files.labels[n] == 0 else 'defective'
+        axes[0].set_title(f'{image_path.parent.name}/{image_path.name} ({label})', fontsize=8)
+        axes[1].set_title(f'score {maps[n].max():.4g}  (scale: {normalize.replace("_", " ")})', fontsize=8)
         fig.tight_layout()
         path = out_dir / panel_name(image_path)
-        atomic_save(path, lambda f: fig.savefig(f, format='png', dpi=100))
+        atomic_save(path, lambda f: fig.savefig(f, format='png', dpi=90))
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def save_roc_figure(data: LoadedClass, maps: np.ndarray, path: Path) -> None:
+    """Image-level and (with masks) pixel-level ROC curves."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    scores = metrics.image_scores(maps)
+    fpr, tpr, _ = roc_curve(data.files.labels, scores)
+    ax.plot(fpr, tpr, label=f'image (AUROC {roc_auc_score(data.files.labels, scores):.3f})')
+    if data.masks is not None:
+        fpr, tpr, _ = roc_curve(data.masks.ravel(), maps.ravel())
+        ax.plot(fpr, tpr, label=f'pixel (AUROC {metrics.segmentation_auroc(data.masks, maps):.3f})')
+    ax.plot([0, 1], [0, 1], color='grey', linewidth=0.5, linestyle='--')
+    ax.set(xlabel='false positive rate', ylabel='true positive rate', title=f'{data.files.obj}: ROC (mult map)')
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    atomic_save(path, lambda f: fig.savefig(f, format='png', dpi=100))
+    plt.close(fig)
+
+
+def save_pro_figure(data: LoadedClass, maps: np.ndarray, path: Path) -> None:
+    """The PRO curve, with the FPR <= 0.3 range that AUPRO integrates shaded."""
+    fpr, pro = metrics.pro_curve(data.masks, maps)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, pro)
+    ax.axvspan(0, metrics.PRO_FPR_LIMIT, color='tab:blue', alpha=0.08)
+    score = metrics.area_up_to(fpr, pro, metrics.PRO_FPR_LIMIT) / metrics.PRO_FPR_LIMIT
+    ax.set(xlabel='false positive rate (anomaly-free pixels)', ylabel='per-region overlap',
+           title=f'{data.files.obj}: PRO (mult map), AUPRO@0.3 = {score:.3f}', xlim=(0, 1), ylim=(0, 1.02))
+    fig.tight_layout()
+    atomic_save(path, lambda f: fig.savefig(f, format='png', dpi=100))
+    plt.close(fig)
+
+
+def write_index(data: LoadedClass, maps: np.ndarray, panels: list[Path], figures: list[Path], path: Path) -> None:
+    """index.html: all panels sorted by anomaly score (highest first), each with its label and score."""
+    scores = metrics.image_scores(maps)
+    order = np.argsort(-scores, kind='stable')
+    cards = []
+    for n in order:
+        label = 'normal' if data.files.labels[n] == 0 else f'defective ({data.files.test[n].parent.name})'
+        name = html.escape(panels[n].name)
+        cards.append(f'<figure class="{"normal" if data.files.labels[n] == 0 else "defective"}">'
+                     f'<a href="{name}"><img src="{name}" loading="lazy" alt="{name}"></a>'
+                     f'<figcaption>{html.escape(data.files.test[n].name)} &middot; {html.escape(label)} '
+                     f'&middot; score {scores[n]:.4g}</figcaption></figure>')
+    links = ' '.join(f'<a href="{html.escape(f.name)}">{html.escape(f.stem)}</a>' for f in figures)
+    page = f'''<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Patch SVDD: {html.escape(data.files.obj)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+figure {{ margin: 0; width: 360px; border: 3px solid #ccc; }}
+figure.defective {{ border-color: #d33; }} figure.normal {{ border-color: #3a3; }}
+img {{ width: 100%; }} figcaption {{ font-size: 13px; padding: 2px 4px; }}
+</style></head><body>
+<h1>{html.escape(data.files.obj)}: {len(order)} test images by anomaly score (mult map)</h1>
+<p>Red border: defective; green: normal. Curves: {links}</p>
+<div class="grid">
+{chr(10).join(cards)}
+</div></body></html>
+'''
+    with atomic_open(path, 'w') as f:
+        f.write(page)
+
+
+def save_all(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: str = 'test_set') -> dict[str, object]:
+    """Panels, curve figures and index.html for one class; returns what was written."""
+    panels = save_panels(data, maps, out_dir, normalize)
+    figures = [out_dir / 'roc_curve.png']
+    save_roc_figure(data, maps, figures[0])
+    if data.masks is not None and data.masks.any():
+        figures.append(out_dir / 'pro_curve.png')
+        save_pro_figure(data, maps, figures[1])
+    write_index(data, maps, panels, figures, out_dir / 'index.html')
+    return {'panels': panels, 'figures': figures, 'index': out_dir / 'index.html'}

@@ -73,7 +73,7 @@ def test_aurocs_from_the_maps_equal_the_reference(bottle, k32, suffix):
     """Our K=64 scores with the reference's K=32 scores give the reference's eight AUROCs to 3 decimals."""
     data = bottle['data']
     maps = inspection.score_maps(bottle['s64'], bottle['ref'][k32])
-    aurocs = inspection.assess(maps, data.files.labels, data.masks)
+    aurocs = inspection.aurocs(maps, data.files.labels, data.masks)
     ref = bottle['info']['aurocs']
     for name, value in aurocs.items():
         assert round(value, 3) == round(ref[name + suffix], 3), name
@@ -83,7 +83,7 @@ def test_aurocs_from_the_maps_equal_the_reference(bottle, k32, suffix):
 def test_default_ngt_search_is_within_0_01_of_the_original(bottle):
     data = bottle['data']
     s32 = nearest_distances(bottle['te32'], bottle['tr32'], 'ngt')
-    aurocs = inspection.assess(inspection.score_maps(bottle['s64'], s32), data.files.labels, data.masks)
+    aurocs = inspection.aurocs(inspection.score_maps(bottle['s64'], s32), data.files.labels, data.masks)
     ref = bottle['info']['aurocs']
     for name, value in aurocs.items():
         assert abs(value - ref[name]) <= 0.01, name

@@ -1,0 +1,96 @@
+"""Metric functions on small cases computed by hand."""
+import numpy as np
+import pytest
+
+from codes import metrics
+
+
+def two_regions():
+    """One 4x4 image: region A (top-left pair) and region B (right column pair), 12 normal pixels."""
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 0, :2] = True
+    mask[0, 2:, 3] = True
+    scores = np.zeros((1, 4, 4))
+    scores[0, 0, :2] = 0.9          # A found first
+    scores[0, 2, 3], scores[0, 3, 3] = 0.7, 0.1
+    scores[0, 1, 0], scores[0, 1, 1] = 0.8, 0.6   # two normal pixels scored high
+    return mask, scores
+
+
+def test_pro_curve_of_a_two_region_example():
+    fpr, pro = metrics.pro_curve(*two_regions())
+    # thresholds 0.9, 0.8, 0.7, 0.6, 0.1, 0.0 (by hand)
+    np.testing.assert_allclose(fpr, [0, 0, 1 / 12, 1 / 12, 2 / 12, 2 / 12, 1, 1])
+    np.testing.assert_allclose(pro, [0, 0.5, 0.5, 0.75, 0.75, 1, 1, 1])
+
+
+def test_aupro_of_the_two_region_example():
+    # area to FPR 0.3: 0.5/12 + 0.75/12 + 1.0 * (0.3 - 2/12) = 0.2375; / 0.3
+    assert metrics.aupro(*two_regions()) == pytest.approx(0.2375 / 0.3)
+
+
+def test_aupro_uses_8_connectivity():
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 0, 0] = mask[0, 1, 1] = True      # diagonal neighbours: one region with 8-connectivity
+    mask[0, 3, 3] = True
+    scores = np.zeros((1, 4, 4))
+    scores[0, 0, 0] = 1.0
+    # regions {diag pair, single}: PRO 0.25 at FPR 0, then (1, 1); at 0.3: 0.475; area 0.10875
+    assert metrics.aupro(mask, scores) == pytest.approx(0.10875 / 0.3)
+
+
+def test_perfect_and_inverted_maps():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[0, 2:5, 2:6] = masks[0, 10:12, 9:15] = masks[1, 7:9, 7:9] = True
+    perfect = masks + rng.uniform(0, 0.1, masks.shape)
+    inverted = 1 - perfect
+    assert metrics.aupro(masks, perfect) == pytest.approx(1.0)
+    assert metrics.aupro(masks, inverted) == pytest.approx(0.0)
+    assert metrics.segmentation_auroc(masks, perfect) == 1.0 and metrics.segmentation_auroc(masks, inverted) == 0.0
+    assert metrics.pixel_average_precision(masks, perfect) == pytest.approx(1.0)
+    labels = np.array([1, 1, 0])
+    assert metrics.detection_auroc(labels, perfect) == 1.0
+    normal_highest = np.ones_like(perfect) * np.array([0.1, 0.2, 0.9])[:, None, None]
+    assert metrics.detection_auroc(labels, normal_highest) == 0.0
+
+
+def test_area_interpolates_at_the_limit():
+    x, y = np.array([0.0, 0.2, 0.5, 1.0]), np.array([0.0, 0.4, 1.0, 1.0])
+    # 0..0.2: 0.04; 0.2..0.3: y(0.3) = 0.6, area 0.05
+    assert metrics.area_up_to(x, y, 0.3) == pytest.approx(0.09)
+    assert metrics.area_up_to(x, y, 0.2) == pytest.approx(0.04)
+
+
+def test_f1_max_and_its_threshold():
+    # thresholds 0.9: F1 2/3; 0.5: 1/2; 0.4: P 2/3, R 1 -> 0.8; 0.1: 2/3
+    f1, threshold = metrics.f1_max(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.5, 0.1]))
+    assert f1 == pytest.approx(0.8) and threshold == 0.4
+
+
+def test_map_metrics_without_masks_report_image_level_only():
+    maps = np.random.default_rng(1).random((4, 8, 8))
+    m = metrics.map_metrics(np.array([1, 0, 1, 0]), None, maps)
+    assert m['seg'] is None and m['aupro'] is None and m['pixel_ap'] is None
+    assert 0 <= m['det'] <= 1 and 0 < m['f1_max'] <= 1
+
+
+def test_pro_needs_an_anomalous_region():
+    with pytest.raises(ValueError, match='at least one anomalous region'):
+        metrics.pro_curve(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
+
+
+def test_pro_curve_points_match_the_definition_on_random_data():
+    from scipy import ndimage
+    rng = np.random.default_rng(3)
+    masks = ndimage.binary_dilation(rng.random((3, 24, 24)) > 0.97, iterations=2)
+    maps = np.round(rng.random((3, 24, 24)) + masks * 0.5, 2)       # rounding makes ties
+    fpr, pro = metrics.pro_curve(masks, maps)
+    distinct = np.unique(maps)[::-1]
+    regions = [(i, ndimage.label(m, structure=np.ones((3, 3)))[0] == k)
+               for i, m in enumerate(masks) for k in range(1, ndimage.label(m, structure=np.ones((3, 3)))[1] + 1)]
+    for t in distinct[::7]:
+        pred = maps >= t
+        k = 1 + int(np.searchsorted(-distinct, -t))   # curve point after every score >= t (index 0 is the origin)
+        assert fpr[k] == pytest.approx((pred & ~masks).sum() / (~masks).sum())
+        assert pro[k] == pytest.approx(np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions]))
