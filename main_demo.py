@@ -35,7 +35,7 @@ def run(out_dir: Path, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog='main_demo.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out_dir', default=None, help='where everything goes (default: a new temporary folder)')
     parser.add_argument('--device', default='cpu', help='cpu (default) or cuda')
     args = parser.parse_args(argv)

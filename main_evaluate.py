@@ -15,7 +15,7 @@ from codes.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog='main_evaluate.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_data_args(parser, obj_help='class name, comma list of names, or all (default bottle)')
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)

@@ -10,7 +10,7 @@ from codes.training import TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(prog='main_train.py', description=__doc__)
     cli.add_data_args(parser)
     cli.add_model_args(parser)
     parser.add_argument('--epochs', type=cli.positive_int, default=300,

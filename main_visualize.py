@@ -8,7 +8,7 @@ from codes import cli, inspection, visualization
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(prog='main_visualize.py', description=__doc__)
     cli.add_data_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)

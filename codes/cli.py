@@ -12,11 +12,18 @@ import torch
 
 from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
-from .files import make_dir
+from .files import check_writable
 from .memory_bank import MemoryBank, default_cache_dir, load_or_build
 from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
 from .nearest_neighbor import METHODS
 from .networks import EncoderHier
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line: `error: argument --epochs: must be at least 1, not 0`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f'error: {message} (see {self.prog} --help)\n')
 
 
 def _number(text: str, kind: type, minimum: float, strict: bool) -> float:
@@ -108,18 +115,18 @@ class Prepared:
 
 
 def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Prepared:
-    """Checks the inputs, creates the (folder, what) outputs, then loads the encoder, the memory bank
-    (cached when allowed) and the test set. Bad input or an unwritable folder stops it before any work."""
+    """Checks the inputs and that the (folder, what) outputs can be written, then loads the encoder, the
+    memory bank (cached when allowed) and the test set. Folders are created only when written to."""
     device, files, ckpt = resolve_inputs(args)
-    for folder, what in outputs:
-        make_dir(folder, what)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    for folder, what in outputs + (((cache_dir, 'cache'),) if cache_dir else ()):
+        check_writable(folder, what)
     enc = load_encoder(ckpt, args.D, device)
     started = time.perf_counter()
+    data = load_class(files, args.resize, train=False)     # test images first: bad ones stop it before any write
+    load_time = time.perf_counter() - started
     bank, source = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size)
-    bank_time = time.perf_counter() - started
-    data = load_class(files, args.resize, train=False)
-    times = {'bank': bank_time, 'load_test': time.perf_counter() - started - bank_time}
+    times = {'load_test': load_time, 'bank': time.perf_counter() - started - load_time}
     return Prepared(device, ckpt, enc, bank, source, data, times)
 
 
@@ -143,7 +150,7 @@ def run(main: Callable[[], None], debug: bool = False) -> None:
         if debug:
             raise
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)

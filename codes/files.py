@@ -23,6 +23,17 @@ def make_dir(folder: Path, what: str) -> None:
         raise UserError(f'{what} folder {folder} is not writable; choose another location')
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Fails now if `folder` could not be created and written later; creates nothing."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f'cannot create {what} folder {folder}: Not a directory; choose another location')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'{what} folder {folder} is not writable; choose another location')
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path, mode: str = 'w') -> Iterator[IO]:
     """Yields a temporary file beside `path`; renames it into place only when the block succeeds."""

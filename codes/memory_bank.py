@@ -58,7 +58,6 @@ def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, 
     'rebuilt' (an entry was there but did not match). With cache_dir None nothing is cached."""
     if cache_dir is None:
         return build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size), 'built'
-    make_dir(cache_dir, 'cache')
     key = bank_key(ckpt, files, resize)
     folder = cache_dir / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     bank = read_entry(folder, key, enc.D)
@@ -66,6 +65,7 @@ def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, 
         return bank, 'cached'
     how = 'rebuilt' if folder.exists() else 'built'
     bank = build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size)
+    make_dir(cache_dir, 'cache')
     write_entry(folder, key, bank)
     bank.ngt32 = folder / 'ngt32'
     return bank, how

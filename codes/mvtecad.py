@@ -89,6 +89,7 @@ def find_class(root: Path, obj: str) -> ClassFiles:
     masks = None
     if gt_dir.is_dir():
         masks = tuple([_find_mask(gt_dir, p) for p in defective] + [None] * len(normal))
+        _check_no_orphan_masks(gt_dir, test_dir, set(masks) - {None})
     return ClassFiles(obj, folder, tuple(train), tuple(defective + normal), labels, masks)
 
 
@@ -97,6 +98,14 @@ def _find_mask(gt_dir: Path, image: Path) -> Path:
     if not candidates:
         raise UserError(f'no mask for {image}: expected {gt_dir / image.parent.name / (image.stem + "_mask.png")}')
     return candidates[0]
+
+
+def _check_no_orphan_masks(gt_dir: Path, test_dir: Path, used: set[Path]) -> None:
+    for folder in sorted(p for p in gt_dir.iterdir() if p.is_dir()):
+        for mask in list_images(folder):
+            if mask not in used:
+                raise UserError(f'mask {mask} has no test image: expected {test_dir / folder.name}/'
+                                f'{mask.stem.removesuffix("_mask")}.<ext>; remove the mask or add its image')
 
 
 def read_image(path: Path) -> Image.Image:
