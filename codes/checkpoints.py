@@ -81,7 +81,7 @@ def load_encoder(path: Path, D: int, device: torch.device | str = 'cpu') -> Enco
 def save_module(module: nn.Module, path: Path) -> None:
     """torch.save(state_dict) through a temporary file, so a crash never leaves half a checkpoint."""
     make_dir(path.parent, 'checkpoint')
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_save(path, lambda f: torch.save(state, f))
 
 
