@@ -11,10 +11,7 @@
 """
 from __future__ import annotations
 
-import argparse
-import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
 import main_evaluate  # noqa: E402
 from codes import inspection, mvtecad  # noqa: E402
 from codes.checkpoints import load_encoder  # noqa: E402
@@ -87,22 +83,18 @@ def timed(fn, *args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--obj', default='bottle')
-    parser.add_argument('--data_root', default=os.environ.get('MVTEC_ROOT', str(REPO.parent / 'shared/data/mvtec')))
-    parser.add_argument('--ckpt', default=None, help='default: ../shared/ckpts/<obj>/enchier.pkl')
-    parser.add_argument('--resize', default='nearest')
+    parser = class_parser(__doc__)
     parser.add_argument('--subset', type=int, default=2, help='test images for the original-style comparison')
     args = parser.parse_args()
-    ckpt = args.ckpt or str(REPO.parent / 'shared' / 'ckpts' / args.obj / 'enchier.pkl')
+    ckpt = checkpoint_path(args)
 
     # 1. full evaluation, cold then cached, exactly as main_evaluate.py runs it
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f'--obj={args.obj}', f'--data_root={args.data_root}', f'--ckpt={ckpt}', f'--resize={args.resize}',
+        flags = [f'--obj={args.obj}', f'--data_root={args.data_root}', f'--ckpt={ckpt}', f'--resize={args.resize}',
                   f'--cache_dir={tmp}/cache', f'--results_dir={tmp}/results', '--device=cpu']
-        cold = main_evaluate.evaluate(main_evaluate.parse_args(common))
+        cold = main_evaluate.evaluate_one(main_evaluate.parse_args(flags))
         peak_cold = peak_gib()
-        cached = main_evaluate.evaluate(main_evaluate.parse_args(common))
+        cached = main_evaluate.evaluate_one(main_evaluate.parse_args(flags))
     n_train, n_test = cold['settings']['n_train'], cold['settings']['n_test']
     per_image = grid_size(64, 16) ** 2 + grid_size(32, 4) ** 2
     patches = {'bank': n_train * per_image, 'embed_test': n_test * per_image,

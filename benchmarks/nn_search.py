@@ -9,17 +9,13 @@ Exact search over all of bottle takes about 7 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
 from codes import inspection, mvtecad  # noqa: E402
 from codes.checkpoints import load_encoder  # noqa: E402
 from codes.embeddings import embed_images  # noqa: E402
@@ -59,14 +55,10 @@ def faiss_flat(queries: np.ndarray, bank: np.ndarray, folder: Path) -> tuple[np.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--obj', default='bottle')
-    parser.add_argument('--data_root', default=os.environ.get('MVTEC_ROOT', str(REPO.parent / 'shared/data/mvtec')))
-    parser.add_argument('--ckpt', default=None, help='default: ../shared/ckpts/<obj>/enchier.pkl')
-    parser.add_argument('--resize', default='nearest')
+    parser = class_parser(__doc__)
     parser.add_argument('--max_queries', type=int, default=0, help='query only the first N test patches (0: all)')
     args = parser.parse_args()
-    ckpt = Path(args.ckpt or REPO.parent / 'shared' / 'ckpts' / args.obj / 'enchier.pkl')
+    ckpt = checkpoint_path(args)
 
     data = mvtecad.load_class(mvtecad.find_class(Path(args.data_root), args.obj), args.resize)
     enc = load_encoder(ckpt, 64)

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402,F401  (puts the repository on the path)
 from codes.datasets import to_device, training_datasets  # noqa: E402
 from codes.losses import patch_svdd_losses  # noqa: E402
 from codes.networks import EncoderHier, PositionClassifier  # noqa: E402
