@@ -19,14 +19,24 @@ from .mvtecad import LoadedClass
 
 matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
 NORMALIZATIONS = ('test_set', 'per_image')
-CMAP = 'inferno'
+CMAP = 'jet'
 
 
 def panel_name(image_path: Path) -> str:
     """`<defect>_<stem>.png`, e.g. broken_large_000.png."""
     return f'{image_path.parent.name}_{image_path.stem}.png'
+
+
+def heat_overlay(score_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """RGBA heat map whose opacity grows with the score, so low-score regions show the image beneath."""
+    level = np.clip((score_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    rgba = matplotlib.colormaps[CMAP](level)
+    rgba[..., 3] = 0.85 * np.sqrt(level)
+    return rgba
 
 
 def save_panels(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: str = 'test_set') -> list[Path]:
@@ -42,8 +52,8 @@ def save_panels(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: s
             if data.masks is not None and data.masks[n].any():
                 ax.contour(data.masks[n], levels=[0.5], colors='lime', linewidths=1)
             ax.set_axis_off()
-        heat = axes[1].imshow(maps[n], cmap=CMAP, vmin=vmin, vmax=vmax, alpha=0.6)
-        fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+        axes[1].imshow(heat_overlay(maps[n], vmin, vmax))
+        fig.colorbar(ScalarMappable(Normalize(vmin, vmax), CMAP), ax=axes[1], fraction=0.046, pad=0.04)
         label = 'normal' if data.files.labels[n] == 0 else 'defective'
         axes[0].set_title(f'{image_path.parent.name}/{image_path.name} ({label})', fontsize=8)
         axes[1].set_title(f'score {maps[n].max():.4g}  (scale: {normalize.replace("_", " ")})', fontsize=8)
