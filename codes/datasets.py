@@ -126,6 +126,6 @@ def training_datasets(x: np.ndarray, repeat: int, seed: int, with_svdd: bool = T
 
 
 def to_device(batch: dict[str, tuple], device: torch.device) -> dict[str, tuple]:
-    """Moves a batch to `device`, patches in channels-last layout (1.45x faster convolutions on a CPU)."""
+    """Moves a batch to `device`, patches in channels-last layout (the encoder's training layout)."""
     return {k: tuple(t.to(device, non_blocking=True, memory_format=torch.channels_last) if t.dim() == 4
                      else t.to(device, non_blocking=True) for t in v) for k, v in batch.items()}
