@@ -107,7 +107,7 @@ def main() -> None:
         c, w = cold['times_s'][stage], cached['times_s'][stage]
         rate = (lambda t: f'{patches[stage] / t:,.0f}') if stage in patches else (lambda t: '')
         print(f'| {stage} | {c:.2f} | {rate(c)} | {w:.2f} | {rate(w)} |')
-    print(f'\n`bank` = read + embed the training images (cold) or read the cached bank (cached).')
+    print('\n`bank` = read + embed the training images (cold) or read the cached bank (cached).')
     print(f'peak memory (RSS) of the process after the cold evaluation: {peak_cold:.2f} GiB')
     print(f'AUROCs cold: det_mult {cold["aurocs"]["det_mult"]:.4f} seg_mult {cold["aurocs"]["seg_mult"]:.4f}; '
           f'cached: det_mult {cached["aurocs"]["det_mult"]:.4f} seg_mult {cached["aurocs"]["seg_mult"]:.4f}\n')

@@ -94,8 +94,8 @@ def main() -> None:
 
     print(f'training iteration, batch {args.batch_size}, {args.steps} steps, median of {args.repeats} alternating '
           f'runs, device {device}, {torch.get_num_threads()} threads')
-    print(f'| iteration | s/step | patch pairs/s | speed-up |')
-    print(f'|---|---|---|---|')
+    print('| iteration | s/step | patch pairs/s | speed-up |')
+    print('|---|---|---|---|')
     pairs = 4 * args.batch_size   # pos_64, pos_32, svdd_64, svdd_32 pairs per step
     print(f'| original-style | {t_orig:.3f} | {pairs / t_orig:.0f} | 1.00x |')
     print(f'| ours | {t_ours:.3f} | {pairs / t_ours:.0f} | {t_orig / t_ours:.2f}x |')

@@ -41,7 +41,7 @@ class ClassFiles:
 class LoadedClass:
     """A class's images resized to 256x256 (uint8 NHWC) and its binarised test masks."""
     files: ClassFiles
-    train: np.ndarray
+    train: np.ndarray | None         # None when only the test set was loaded
     test: np.ndarray
     masks: np.ndarray | None         # bool (N_test, 256, 256); None when the class has no masks
 
