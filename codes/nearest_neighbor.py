@@ -29,14 +29,24 @@ NGT_QUERY_CHUNK = 16384
 
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, method: str = 'exact',
                       device: torch.device | str = 'cpu', desc: str = 'search',
-                      ngt_path: Path | None = None) -> np.ndarray:
+                      ngt_path: Path | None = None, query_groups: np.ndarray | None = None,
+                      bank_groups: np.ndarray | None = None) -> np.ndarray:
     """For embeddings `queries` (..., D) and `bank` (M, D): the distance to the nearest bank row, float32 (...).
 
     With `ngt_path`, the NGT index of `bank` is opened from there if it exists, else built there.
+    With `query_groups` (one int per query row) and `bank_groups` (one per bank row), a bank row is
+    never the neighbour of a query of the same group (leave-one-image-out scoring); exact search only.
     """
     flat = as_rows(queries)
     bank = as_rows(bank)
-    if method == 'ngt' and ngt_path is not None:
+    if (query_groups is None) != (bank_groups is None):
+        raise ValueError('query_groups and bank_groups go together')
+    if query_groups is not None:
+        if method != 'exact':
+            raise UserError(f'leave-one-out search needs --nn exact, not {method!r}')
+        ids = exact_ids(flat, bank, torch.device(device), desc, np.asarray(query_groups).reshape(-1),
+                        np.asarray(bank_groups).reshape(-1))
+    elif method == 'ngt' and ngt_path is not None:
         ids = NGTIndex.cached(bank, ngt_path).nearest_ids(flat, desc)
     else:
         ids = nearest_ids(flat, bank, method, device, desc)
@@ -71,7 +81,8 @@ def distances_to(queries: np.ndarray, bank: np.ndarray, ids: np.ndarray) -> np.n
 
 
 @torch.no_grad()
-def exact_ids(queries: np.ndarray, bank: np.ndarray, device: torch.device, desc: str = 'search') -> np.ndarray:
+def exact_ids(queries: np.ndarray, bank: np.ndarray, device: torch.device, desc: str = 'search',
+              query_groups: np.ndarray | None = None, bank_groups: np.ndarray | None = None) -> np.ndarray:
     # float64: in float32, ||q||^2 + ||b||^2 - 2 q.b loses the small distances that matter most.
     q_block, b_block = CUDA_BLOCKS if device.type == 'cuda' else CPU_BLOCKS
     bank_t = torch.from_numpy(bank).to(device, torch.float64)
@@ -83,7 +94,11 @@ def exact_ids(queries: np.ndarray, bank: np.ndarray, device: torch.device, desc:
         best_id = torch.zeros(len(q), dtype=torch.int64, device=device)
         for bs in iter_batches(len(bank_t), b_block):
             # ||b||^2 - 2 q.b: the squared distance less ||q||^2, which does not change the argmin.
-            value, idx = torch.addmm(bank_sq[bs], q, bank_t[bs].T, alpha=-2).min(1)
+            value = torch.addmm(bank_sq[bs], q, bank_t[bs].T, alpha=-2)
+            if query_groups is not None:
+                same = torch.from_numpy(query_groups[qs][:, None] == bank_groups[bs][None, :]).to(device)
+                value = value.masked_fill(same, float('inf'))
+            value, idx = value.min(1)
             better = value < best
             best = torch.where(better, value, best)
             best_id = torch.where(better, idx + bs.start, best_id)
