@@ -1,16 +1,19 @@
-"""Evaluation speed per stage, cold and with the memory bank cached, and against the original-style path.
+"""Evaluation speed per stage, cold and with the memory bank cached, beside the original's, and against the
+original-style path.
 
     python benchmarks/eval_speed.py [--obj bottle] [--data_root ../shared/data/mvtec]
                                     [--ckpt ../shared/ckpts/bottle/enchier.pkl] [--subset 2]
 
-1. A full evaluation as `main_evaluate.py` runs it, cold (empty cache) and again with the memory
-   bank cached: seconds and patches/s per stage, and the peak memory of the process.
+1. A full evaluation as `main_evaluate.py` runs it (default: exact search), cold (empty cache) and again
+   with the memory bank and its search indexes cached: seconds per stage beside the original's
+   (../shared/reference), the ratio, and the peak memory of the process.
 2. On `--subset` test images: the original-style path (patch-by-patch embedding in batches of 64,
    one NGT query per patch, loop-based maps) against ours, per stage, with the largest difference
    between the maps they give.
 """
 from __future__ import annotations
 
+import json
 import resource
 import tempfile
 import time
@@ -19,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
+from common import SHARED, checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
 import main_evaluate  # noqa: E402
 from codes import inspection, mvtecad  # noqa: E402
 from codes.checkpoints import load_encoder  # noqa: E402
 from codes.embeddings import embed_images, grid_size  # noqa: E402
 from codes.memory_bank import build_bank  # noqa: E402
-from codes.nearest_neighbor import NGTIndex, as_rows, nearest_distances  # noqa: E402
+from codes.nearest_neighbor import NGTSearch, as_rows, nearest_distances  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -53,7 +56,7 @@ def embed_patch_by_patch(encoder, x: np.ndarray, K: int, S: int) -> np.ndarray:
 def ngt_one_query_at_a_time(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
     """The original: build the index, then one search() call and one get_object() per patch."""
     with tempfile.TemporaryDirectory() as folder:
-        index = NGTIndex.build(as_rows(bank), Path(folder) / 'index').index
+        index = NGTSearch.build(as_rows(bank), Path(folder) / 'index')
         flat = as_rows(queries)
         out = np.empty(len(flat), np.float32)
         for k, q in enumerate(flat):
@@ -96,18 +99,28 @@ def main() -> None:
         peak_cold = peak_gib()
         cached = main_evaluate.evaluate_one(main_evaluate.parse_args(flags))
     n_train, n_test = cold['settings']['n_train'], cold['settings']['n_test']
-    per_image = grid_size(64, 16) ** 2 + grid_size(32, 4) ** 2
-    patches = {'bank': n_train * per_image, 'embed_test': n_test * per_image,
-               'nn64': n_test * grid_size(64, 16) ** 2, 'nn32': n_test * grid_size(32, 4) ** 2}
+    reference = SHARED / 'reference' / f'bottle_original_{args.resize}.json'
+    orig = json.loads(reference.read_text())['times_s'] if args.obj == 'bottle' and reference.is_file() else {}
+    # the original's stages, mapped onto ours (it embedded train and test patch by patch, in one stage each K)
+    orig_rows = {'bank': None, 'load_test': None, 'embed_test': None, 'nn64': orig.get('nn64'),
+                 'nn32': orig.get('nn32'), 'maps': orig.get('distribute'), 'metrics': orig.get('auroc'),
+                 'total': orig.get('total')}
     print(f'## {args.obj}: full evaluation ({n_train} train, {n_test} test images, resize {args.resize}, '
-          f'{torch.get_num_threads()} threads)\n')
-    print('| stage | cold s | cold patches/s | cached s | cached patches/s |')
-    print('|---|---|---|---|---|')
+          f'search {cold["settings"]["nn"]}, {torch.get_num_threads()} threads)\n')
+    print('| stage | original s | ours cold s | ratio | ours cached s | ratio |')
+    print('|---|---|---|---|---|---|')
+    if orig:
+        c = sum(cold['times_s'][k] for k in ('bank', 'load_test', 'embed_test'))
+        w = sum(cached['times_s'][k] for k in ('bank', 'load_test', 'embed_test'))
+        o = orig['load'] + orig['emb64'] + orig['emb32']
+        print(f'| read + embed train and test (ours: bank + load_test + embed_test) | {o:.1f} | {c:.2f} | '
+              f'{o / c:.0f}x | {w:.2f} | {o / w:.0f}x |')
     for stage in ('bank', 'load_test', 'embed_test', 'nn64', 'nn32', 'maps', 'metrics', 'total'):
-        c, w = cold['times_s'][stage], cached['times_s'][stage]
-        rate = (lambda t: f'{patches[stage] / t:,.0f}') if stage in patches else (lambda t: '')
-        print(f'| {stage} | {c:.2f} | {rate(c)} | {w:.2f} | {rate(w)} |')
-    print('\n`bank` = read + embed the training images (cold) or read the cached bank (cached).')
+        c, w, o = cold['times_s'][stage], cached['times_s'][stage], orig_rows[stage]
+        ratio = (lambda t: f'{o / t:.0f}x') if o else (lambda t: '')
+        print(f'| {stage} | {o if o else ""} | {c:.2f} | {ratio(c)} | {w:.2f} | {ratio(w)} |')
+    print('\n`bank` = read + embed the training images and build nothing else (cold) or read the cached bank '
+          '(cached); the search indexes are built inside nn64 / nn32 (cold) or read there (cached).')
     print(f'peak memory (RSS) of the process after the cold evaluation: {peak_cold:.2f} GiB')
     print(f'AUROCs cold: det_mult {cold["aurocs"]["det_mult"]:.4f} seg_mult {cold["aurocs"]["seg_mult"]:.4f}; '
           f'cached: det_mult {cached["aurocs"]["det_mult"]:.4f} seg_mult {cached["aurocs"]["seg_mult"]:.4f}\n')

@@ -1,117 +1,203 @@
-"""K=32 nearest-neighbour search on a class's memory bank: NGT one query at a time (the original),
-NGT batch (ours), exact (blockwise float64) and faiss (if installed).
+"""K=32 nearest-neighbour search: build and query seconds, peak memory and recall@1 against brute force.
 
-    python benchmarks/nn_search.py [--obj bottle] [--max_queries 0]
+    python benchmarks/nn_search.py                               # the class (bottle): exact, NGT batch
+    python benchmarks/nn_search.py --methods exact,ngt,ngt_single,brute
+    python benchmarks/nn_search.py --sizes 100,200,400,800,1600  # banks of that many training images
 
-Prints build and query seconds, recall@1 against exact search, and, when every test patch is
-queried, the AUROCs each search gives (K=64 exact for all) and their largest difference to exact.
-Exact search over all of bottle takes about 7 minutes on 2 CPU cores.
+With --sizes, the banks are made of the class's real training images and transformed copies of them
+(flips, shifts, crops: no two alike), embedded by the class's encoder; every test patch of the class
+is queried; recall@1 is measured against float64 brute force on a sample of queries (exact must be
+1.0). Each search runs in a child process, so its peak memory (max RSS) is its own. A last row
+searches the bank of a barely trained encoder (codes nearly constant; NGT's build took ~350 s there).
 """
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from common import checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
 from codes import inspection, mvtecad  # noqa: E402
 from codes.checkpoints import load_encoder  # noqa: E402
 from codes.embeddings import embed_images  # noqa: E402
 from codes.memory_bank import build_bank  # noqa: E402
-from codes.nearest_neighbor import NGTIndex, as_rows, distances_to, exact_ids, faiss_ids, nearest_distances  # noqa: E402
+from codes.nearest_neighbor import NGTSearch, as_rows, distances_to, make_search, nearest_distances  # noqa: E402
+from codes.networks import EncoderHier  # noqa: E402
+
+RECALL_SAMPLE = 500
 
 
-def ngt_single(queries: np.ndarray, bank: np.ndarray, folder: Path) -> tuple[np.ndarray, float, float]:
+def ngt_single(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, float, float]:
     """The original's loop: per patch one search(), one get_object() and a NumPy norm."""
+    with tempfile.TemporaryDirectory() as folder:
+        t = time.perf_counter()
+        index = NGTSearch.build(bank, Path(folder) / 'single')
+        built = time.perf_counter() - t
+        ids = np.empty(len(queries), np.int64)
+        for k, q in enumerate(queries):
+            ids[k] = index.search(q, 1)[0][0]
+            np.linalg.norm(q - np.asarray(index.get_object(int(ids[k])), np.float32))   # the original's distance
+        return ids, built, time.perf_counter() - t - built
+
+
+def timed_search(method: str, queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(ids, build s, query s) of one method."""
+    if method == 'ngt_single':
+        return ngt_single(queries, bank)
     t = time.perf_counter()
-    index = NGTIndex.build(bank, folder / 'single').index
+    search = make_search(method).fit(bank)
     built = time.perf_counter() - t
-    ids = np.empty(len(queries), np.int64)
-    for k, q in enumerate(queries):
-        ids[k] = index.search(q, 1)[0][0]
-        np.linalg.norm(q - np.asarray(index.get_object(int(ids[k])), np.float32))   # the original's distance
+    ids = search.nearest_ids(queries)
     return ids, built, time.perf_counter() - t - built
 
 
-def ngt_batch(queries: np.ndarray, bank: np.ndarray, folder: Path) -> tuple[np.ndarray, float, float]:
-    t = time.perf_counter()
-    index = NGTIndex.build(bank, folder / 'batch')
-    built = time.perf_counter() - t
-    ids = index.nearest_ids(queries)
-    return ids, built, time.perf_counter() - t - built
+def child(bank_file: str, n_rows: int, method: str, query_file: str, out_file: str) -> None:
+    """One search in this process (for its own peak memory): writes the distances and the times."""
+    bank = np.ascontiguousarray(np.load(bank_file, mmap_mode='r')[:n_rows])
+    queries = np.load(query_file)
+    ids, built, queried = timed_search(method, queries, bank)
+    np.save(out_file, distances_to(queries, bank, ids))
+    print(json.dumps({'build': built, 'query': queried}))
 
 
-def exact(queries: np.ndarray, bank: np.ndarray, folder: Path) -> tuple[np.ndarray, float, float]:
-    import torch
-    t = time.perf_counter()
-    return exact_ids(queries, bank, torch.device('cpu')), 0.0, time.perf_counter() - t
+def run_child(bank_file: Path, n_rows: int, method: str, query_file: Path, folder: Path) -> dict:
+    out = folder / f'd_{method}_{n_rows}.npy'
+    proc = subprocess.Popen([sys.executable, __file__, '--child', str(bank_file), str(n_rows), method,
+                             str(query_file), str(out)], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    text = proc.stdout.read()
+    if status != 0:
+        raise RuntimeError(f'{method} on {n_rows} rows failed')
+    result = json.loads(text.strip().splitlines()[-1])
+    result['peak_gib'] = usage.ru_maxrss / 2 ** 20       # kilobytes on Linux
+    result['distances'] = np.load(out)
+    return result
 
 
-def faiss_flat(queries: np.ndarray, bank: np.ndarray, folder: Path) -> tuple[np.ndarray, float, float]:
-    t = time.perf_counter()
-    return faiss_ids(queries, bank), 0.0, time.perf_counter() - t
+def variant(image: np.ndarray, copy: int) -> np.ndarray:
+    """Copy number `copy` of an image: a flip (4 kinds), a crop (offset and size vary) resized back, a shift."""
+    if copy == 0:
+        return image
+    out = image[:, ::-1] if copy % 2 else image
+    out = out[::-1] if (copy // 2) % 2 else out
+    side = image.shape[0]
+    crop = side - 8 - (copy * 5) % 24
+    y, x = (copy * 7) % (side - crop + 1), (copy * 13) % (side - crop + 1)
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(out[y:y + crop, x:x + crop])).resize((side, side),
+                                                                                               Image.BILINEAR))
+    return np.roll(out, ((copy * 3) % 9, (copy * 5) % 9), axis=(0, 1))
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of queries answered with a row as near as the nearest (ties count)."""
+    return float(np.mean(found <= truth * (1 + 1e-6) + 1e-7))
+
+
+def sizes_table(args, data, enc) -> None:
+    sizes = [int(s) for s in args.sizes.split(',')]
+    methods = args.methods.split(',')
+    n_train = len(data.train)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        images = np.stack([variant(data.train[i % n_train], i // n_train) for i in range(max(sizes))])
+        mean = mvtecad.mean_image(data.train)
+        print(f'embedding {len(images)} training images and {len(data.test)} test images...', flush=True)
+        bank = np.lib.format.open_memmap(folder / 'bank.npy', 'w+', np.float32, (len(images) * 57 * 57, enc.D))
+        for start in range(0, len(images), 100):
+            part = embed_images(enc, images[start:start + 100], mean, torch.device('cpu'))[1]
+            bank[start * 57 * 57:(start + len(part)) * 57 * 57] = as_rows(part)
+        bank.flush()
+        queries = as_rows(embed_images(enc, data.test, mean, torch.device('cpu'))[1])
+        np.save(folder / 'queries.npy', queries)
+        sample = np.sort(rng.choice(len(queries), RECALL_SAMPLE, replace=False))
+        torch.manual_seed(0)
+        untrained = EncoderHier(64, enc.D).eval()   # a barely trained encoder: seeded initial weights
+        weak = build_bank(untrained, data.train, 'cpu')
+        np.save(folder / 'weak_bank.npy', as_rows(weak.emb32))
+        np.save(folder / 'weak_queries.npy', as_rows(embed_images(untrained, data.test, weak.mean, 'cpu')[1]))
+
+        rows = []
+        cases = [(f'{n} images', folder / 'bank.npy', n * 57 * 57, folder / 'queries.npy') for n in sizes]
+        cases.append((f'{n_train} images, barely trained encoder', folder / 'weak_bank.npy',
+                      n_train * 57 * 57, folder / 'weak_queries.npy'))
+        for label, bank_file, n_rows, query_file in cases:
+            qs = np.load(query_file)[sample]
+            truth = nearest_distances(qs, np.load(bank_file, mmap_mode='r')[:n_rows], 'brute')
+            for method in methods:
+                if method == 'ngt' and n_rows > args.ngt_max_images * 57 * 57:
+                    rows.append([label, f'{n_rows:,}', method, 'not run', '', '', '', ''])
+                    continue
+                print(f'{label}: {method}...', flush=True)
+                r = run_child(bank_file, n_rows, method, query_file, folder)
+                rows.append([label, f'{n_rows:,}', method, f'{r["build"]:.1f}', f'{r["query"]:.1f}',
+                             f'{r["build"] + r["query"]:.1f}', f'{r["peak_gib"]:.2f}',
+                             f'{recall(r["distances"][sample], truth):.4f}'])
+                print('  ' + ' | '.join(rows[-1][3:]), flush=True)
+    print(f'\n## K=32 search by bank size ({len(queries):,} queries: every test patch of {args.obj}; '
+          f'recall on {RECALL_SAMPLE} of them against float64 brute force)\n')
+    columns = ['bank', 'rows', 'search', 'build s', 'query s', 'total s', 'peak GiB', 'recall@1']
+    print('| ' + ' | '.join(columns) + ' |')
+    print('|' + '---|' * len(columns))
+    for row in rows:
+        print('| ' + ' | '.join(row) + ' |')
+    print(f'\nNGT is not run on banks of more than {args.ngt_max_images} images (--ngt_max_images): its build '
+          'grows faster than linearly (32 minutes for 1,000 images here).')
+
+
+def class_table(args, data, enc) -> None:
+    bank = build_bank(enc, data.train, 'cpu')
+    te64, te32 = embed_images(enc, data.test, bank.mean, 'cpu')
+    train32, queries = as_rows(bank.emb32), as_rows(te32)
+    results = {}
+    for method in args.methods.split(','):
+        ids, built, queried = timed_search(method, queries, train32)
+        results[method] = (distances_to(queries, train32, ids), built, queried)
+        print(f'{method}: build {built:.1f}s, queries {queried:.1f}s', flush=True)
+    reference = results.get('brute', results.get('exact'))[0]
+    s64 = nearest_distances(te64, bank.emb64, 'exact')
+    print(f'\n## K=32 search, {args.obj}: {len(train32):,} training patches, {len(queries):,} queries, D=64\n')
+    names = {'exact': 'exact (pruned cells, default)', 'ngt': 'NGT batch (`--nn ngt`)',
+             'ngt_single': 'NGT one query at a time (the original)', 'brute': 'brute force, float64'}
+    columns = ['search', 'build s', 'query s', 'total s', 'recall@1', 'det_mult', 'seg_mult', 'largest AUROC diff']
+    print('| ' + ' | '.join(columns) + ' |')
+    print('|' + '---|' * len(columns))
+    base = inspection.aurocs(inspection.score_maps(s64, reference.reshape(te32.shape[:-1])), data.files.labels,
+                             data.masks)
+    for method, (dist, built, queried) in results.items():
+        a = inspection.aurocs(inspection.score_maps(s64, dist.reshape(te32.shape[:-1])), data.files.labels,
+                              data.masks)
+        print('| ' + ' | '.join([names.get(method, method), f'{built:.1f}', f'{queried:.1f}', f'{built + queried:.1f}',
+                                 f'{recall(dist, reference):.4f}', f'{a["det_mult"]:.4f}', f'{a["seg_mult"]:.4f}',
+                                 f'{max(abs(a[k] - base[k]) for k in a):.4f}']) + ' |')
+    print('\nrecall and AUROC differences are against ' + ('brute force' if 'brute' in results else 'exact'))
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == '--child':
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+        return
     parser = class_parser(__doc__)
-    parser.add_argument('--max_queries', type=int, default=0, help='query only the first N test patches (0: all)')
-    parser.add_argument('--methods', default='ngt_single,ngt_batch,exact,faiss',
-                        help='which searches to run (recall and AUROC differences need exact)')
+    parser.add_argument('--methods', default=None,
+                        help='searches to run: exact, ngt, ngt_single, brute (default exact,ngt)')
+    parser.add_argument('--sizes', default=None, help='comma list of bank sizes in training images')
+    parser.add_argument('--ngt_max_images', type=int, default=400, help='with --sizes: largest bank NGT builds')
     args = parser.parse_args()
-    ckpt = checkpoint_path(args)
-
+    args.methods = args.methods or 'exact,ngt'
     data = mvtecad.load_class(mvtecad.find_class(Path(args.data_root), args.obj), args.resize)
-    enc = load_encoder(ckpt, 64)
-    bank = build_bank(enc, data.train, 'cpu')
-    te64, te32 = embed_images(enc, data.test, bank.mean, 'cpu')
-    train32 = as_rows(bank.emb32)
-    queries = as_rows(te32)
-    full = not args.max_queries or args.max_queries >= len(queries)
-    if not full:
-        queries = queries[:args.max_queries]
-
-    available = {'ngt_single': ('ngt, one query at a time (original)', ngt_single),
-                 'ngt_batch': ('ngt, batch (ours)', ngt_batch), 'exact': ('exact', exact), 'faiss': ('faiss flat', faiss_flat)}
-    chosen = args.methods.split(',')
-    if 'faiss' in chosen and importlib.util.find_spec('faiss') is None:
-        print('faiss is not installed: its row is left out (pip install faiss-cpu)')
-        chosen.remove('faiss')
-    methods = dict(available[m] for m in chosen)
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in methods.items():
-            ids, built, queried = fn(queries, train32, Path(tmp))
-            results[name] = (distances_to(queries, train32, ids), built, queried)
-            print(f'{name}: build {built:.1f}s, queries {queried:.1f}s', flush=True)
-
-    d_exact = results['exact'][0] if 'exact' in results else None
-    aurocs = {}
-    if full and d_exact is not None:   # AUROCs with each search's K=32 scores, K=64 exact for all
-        s64 = nearest_distances(te64, bank.emb64, 'exact')
-        for name, (dist, _, _) in results.items():
-            maps = inspection.score_maps(s64, dist.reshape(te32.shape[:-1]))
-            aurocs[name] = inspection.aurocs(maps, data.files.labels, data.masks)
-
-    print(f'\n## K=32 search, {args.obj}: {len(train32):,} training patches, {len(queries):,} queries, D=64\n')
-    columns = ['search', 'build s', 'query s', 'total s', 'speed vs one-by-one', 'recall@1']
-    if aurocs:
-        columns += ['det_32', 'seg_32', 'det_mult', 'seg_mult', 'largest AUROC diff to exact']
-    print('| ' + ' | '.join(columns) + ' |')
-    print('|' + '---|' * len(columns))
-    single = results.get('ngt, one query at a time (original)')
-    for name, (dist, built, queried) in results.items():
-        # as near as the nearest (ties count)
-        recall = f'{np.mean(dist <= d_exact * (1 + 1e-6) + 1e-7):.4f}' if d_exact is not None else 'n/a'
-        speed = f'{sum(single[1:]) / (built + queried):.1f}x' if single else 'n/a'
-        cells = [name, f'{built:.1f}', f'{queried:.1f}', f'{built + queried:.1f}', speed, recall]
-        if aurocs:
-            a = aurocs[name]
-            cells += [f'{a[k]:.4f}' for k in ('det_32', 'seg_32', 'det_mult', 'seg_mult')]
-            cells.append(f'{max(abs(a[k] - aurocs["exact"][k]) for k in a):.4f}')
-        print('| ' + ' | '.join(cells) + ' |')
+    enc = load_encoder(checkpoint_path(args), 64)
+    if args.sizes:
+        sizes_table(args, data, enc)
+    else:
+        class_table(args, data, enc)
 
 
 if __name__ == '__main__':

@@ -77,9 +77,10 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_search_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--nn', choices=METHODS, default='ngt',
-                        help='nearest-neighbour search: ngt = exact at K=64 and NGT at K=32, as the original '
-                             '(default); exact = exact at both; faiss = faiss flat index at both (needs faiss-cpu)')
+    parser.add_argument('--nn', choices=METHODS, default='exact',
+                        help='nearest-neighbour search: exact = exact and deterministic at both K (default; pruned '
+                             'k-means cells on the CPU, brute force on a GPU); ngt = exact at K=64 and NGT at K=32, '
+                             "as the original (the paper's figures); brute = blockwise float64 brute force (slow)")
     parser.add_argument('--batch_size', type=positive_int, default=8, help='images per encoder pass (default 8)')
     parser.add_argument('--cache_dir', default=None,
                         help=f'memory bank cache (default {default_cache_dir()}, or $XDG_CACHE_HOME/patchsvdd)')

@@ -12,7 +12,7 @@ from . import metrics
 from .embeddings import STRIDE_32, STRIDE_64, embed_images
 from .memory_bank import MemoryBank
 from .mvtecad import IMAGE_SIZE, LoadedClass
-from .nearest_neighbor import nearest_distances
+from .nearest_neighbor import distances_to, as_rows
 from .networks import EncoderHier
 
 MAP_NAMES = ('64', '32', 'sum', 'mult')
@@ -72,7 +72,15 @@ def search_methods(nn: str) -> tuple[str, str]:
     return ('exact', 'ngt') if nn == 'ngt' else (nn, nn)
 
 
-def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'ngt',
+def patch_scores(bank: MemoryBank, emb: np.ndarray, K: str, method: str, device: torch.device | str = 'cpu'
+                 ) -> np.ndarray:
+    """Distance of each test patch code (..., D) to its nearest K bank row, with the bank's (cached) search."""
+    rows = as_rows(emb)
+    ids = bank.search(K, method, device).nearest_ids(rows, desc=f'search K={K}')
+    return distances_to(rows, as_rows(bank.emb64 if K == '64' else bank.emb32), ids).reshape(emb.shape[:-1])
+
+
+def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'exact',
                  device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
     """Patch scores of the test images against the memory bank, and the four maps (metrics left empty)."""
     times: dict[str, float] = {}
@@ -88,16 +96,16 @@ def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn
     te64, te32 = embed_images(enc, test_images, bank.mean, device, batch_size, desc='embed test')
     lap('embed_test')
     method64, method32 = search_methods(nn)
-    s64 = nearest_distances(te64, bank.emb64, method64, device, desc='search K=64')
+    s64 = patch_scores(bank, te64, '64', method64, device)
     lap('nn64')
-    s32 = nearest_distances(te32, bank.emb32, method32, device, desc='search K=32', ngt_path=bank.ngt32)
+    s32 = patch_scores(bank, te32, '32', method32, device)
     lap('nn32')
     maps = score_maps(s64, s32)
     lap('maps')
     return Evaluation({'64': s64, '32': s32}, maps, times)
 
 
-def evaluate(enc: EncoderHier, bank: MemoryBank, data: LoadedClass, nn: str = 'ngt',
+def evaluate(enc: EncoderHier, bank: MemoryBank, data: LoadedClass, nn: str = 'exact',
              device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
     """The original's `eval_encoder_NN_multiK`: the maps and all their metrics."""
     result = anomaly_maps(enc, bank, data.test, nn, device, batch_size)

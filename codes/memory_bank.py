@@ -1,8 +1,10 @@
-"""The memory bank: a checkpoint's training-patch embeddings (and their NGT index), computed once and cached.
+"""The memory bank: a checkpoint's training-patch embeddings and their search indexes, computed once and cached.
 
 A cache entry is a folder named by a digest of its key: the checkpoint's SHA-256, each training
 image's name and SHA-256, the resize filter and the bank format. Changed inputs give another key;
-an entry whose stored key or arrays do not match is rebuilt, never used.
+an entry whose stored key or arrays do not match is rebuilt, never used. The exact search's index
+of each bank (`exact64.npz`, `exact32.npz`) and the NGT index (`ngt32/`) are added to the entry
+the first time they are needed, each written atomically and checked against the bank when read.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from .checkpoints import file_sha256
 from .embeddings import embed_images
 from .files import make_dir
 from .mvtecad import ClassFiles, load_images, mean_image
+from .nearest_neighbor import ExactSearch, NGTSearch, make_search
 from .networks import EncoderHier
 
 BANK_FORMAT = 1
@@ -32,7 +37,28 @@ class MemoryBank:
     mean: np.ndarray              # the training set's mean image (HxWx3 float32), to standardise test images
     emb64: np.ndarray             # (N_train, 13, 13, D) codes of the 64x64 patches
     emb32: np.ndarray             # (N_train, 57, 57, D) codes of the 32x32 patches
-    ngt32: Path | None = None     # where the NGT index of emb32 is (or is to be) kept; None: not cached
+    folder: Path | None = None    # its cache entry, where search indexes are kept; None: not cached
+    searches: dict = field(default_factory=dict, repr=False)   # (K, method, device) -> fitted search
+
+    @property
+    def ngt32(self) -> Path | None:
+        """Where the NGT index of emb32 is (or is to be) kept."""
+        return None if self.folder is None else self.folder / 'ngt32'
+
+    def search(self, K: str, method: str, device: torch.device | str = 'cpu'):
+        """The fitted search object of method over the K ('64' or '32') bank: from this run, else from the
+        cache entry, else built (and added to the entry)."""
+        device = torch.device(device)
+        key = (K, method, str(device))
+        if key not in self.searches:
+            emb = self.emb64 if K == '64' else self.emb32
+            if method == 'exact' and device.type != 'cuda' and self.folder is not None:
+                self.searches[key] = cached_exact_search(emb, self.folder / f'exact{K}.npz', device)
+            elif method == 'ngt' and K == '32':
+                self.searches[key] = NGTSearch(self.ngt32).fit(emb)
+            else:
+                self.searches[key] = make_search(method, device).fit(emb)
+        return self.searches[key]
 
 
 def build_bank(enc: EncoderHier, train_images: np.ndarray, device: torch.device | str,
@@ -67,7 +93,7 @@ def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, 
     bank = build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size)
     make_dir(cache_dir, 'cache')
     write_entry(folder, key, bank)
-    bank.ngt32 = folder / 'ngt32'
+    bank.folder = folder
     return bank, how
 
 
@@ -83,7 +109,7 @@ def read_entry(folder: Path, key: dict, D: int) -> MemoryBank | None:
     n = len(key['train'])
     if arrays['emb64'].shape[::3] != (n, D) or arrays['emb32'].shape[::3] != (n, D) or arrays['mean'].ndim != 3:
         return None
-    return MemoryBank(**arrays, ngt32=folder / 'ngt32')
+    return MemoryBank(**arrays, folder=folder)
 
 
 def write_entry(folder: Path, key: dict, bank: MemoryBank) -> None:
@@ -98,3 +124,33 @@ def write_entry(folder: Path, key: dict, bank: MemoryBank) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def bank_checksum(emb: np.ndarray) -> int:
+    """CRC-32 of the bank's bytes: ties a saved index to the exact bank it was built on."""
+    return zlib.crc32(np.ascontiguousarray(emb, np.float32).data)
+
+
+def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device) -> ExactSearch:
+    """The exact search over `emb` with its cell index read from `path` when that file is sound and was built
+    on this very bank; otherwise built and written there (temporary file, then rename)."""
+    checksum = bank_checksum(emb)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+        if int(arrays.pop('bank_crc32')[0]) == checksum:
+            search = ExactSearch.from_arrays(emb, arrays, device)
+            if search is not None:
+                return search
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile):
+        pass
+    search = ExactSearch(device).fit(emb)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.npz', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, **search.arrays(), bank_crc32=np.array([checksum], np.int64))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return search

@@ -37,6 +37,33 @@ def pixel_average_precision(masks: np.ndarray, maps: np.ndarray) -> float:
     return float(average_precision_score(masks.ravel(), maps.ravel()))
 
 
+class Ranking:
+    """All pixels of a set of maps sorted once by score, highest first, with the last position of each
+    distinct score: ROC AUC, average precision and the PRO curve are all read off this one sort."""
+
+    def __init__(self, maps: np.ndarray):
+        flat = maps.ravel()
+        self.order = np.argsort(flat, kind='stable')[::-1]
+        self.last_of_tie = np.append(np.diff(flat[self.order]) != 0, True)   # one point per distinct threshold
+
+    def counts(self, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """True and false positives when predicting positive at or above each distinct score."""
+        tps = np.cumsum(truth.ravel()[self.order], dtype=np.float64)[self.last_of_tie]
+        fps = np.flatnonzero(self.last_of_tie) + 1 - tps
+        return tps, fps
+
+    def auroc(self, truth: np.ndarray) -> float:
+        """As sklearn's roc_auc_score: the trapezoidal area under (FPR, TPR) from (0, 0)."""
+        tps, fps = self.counts(truth)
+        return float(np.trapezoid(np.r_[0, tps] / tps[-1], np.r_[0, fps] / fps[-1]))
+
+    def average_precision(self, truth: np.ndarray) -> float:
+        """As sklearn's average_precision_score: sum over thresholds of (recall step) x precision."""
+        tps, fps = self.counts(truth)
+        precision = tps / (tps + fps)
+        return float(np.sum(np.diff(np.r_[0, tps / tps[-1]]) * precision))
+
+
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """The best F1 over all thresholds (predict defective when score >= threshold), and that threshold."""
     precision, recall, thresholds = precision_recall_curve(labels, scores)
@@ -46,7 +73,7 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best])
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: np.ndarray, maps: np.ndarray, ranking: Ranking | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at every distinct threshold, from (0, 0) to (1, 1), as MVTec AD's evaluation computes it."""
     fp_weight = np.zeros(maps.shape, np.float64)     # each anomaly-free pixel: 1 / all anomaly-free pixels
     pro_weight = np.zeros(maps.shape, np.float64)    # each region's pixel: 1 / (its region's size * all regions)
@@ -60,12 +87,11 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
         n_regions += n
     if n_regions == 0:
         raise ValueError('PRO needs at least one anomalous region in the masks')
-    order = np.argsort(maps.ravel(), kind='stable')[::-1]
-    scores = maps.ravel()[order]
-    fpr = np.cumsum(fp_weight.ravel()[order]) / fp_weight.sum()
-    pro = np.cumsum(pro_weight.ravel()[order]) / n_regions
-    last_of_tie = np.append(np.diff(scores) != 0, True)    # one point per distinct threshold
-    fpr, pro = np.clip(fpr[last_of_tie], None, 1.0), np.clip(pro[last_of_tie], None, 1.0)
+    ranking = ranking or Ranking(maps)
+    order, last_of_tie = ranking.order, ranking.last_of_tie
+    fpr = np.cumsum(fp_weight.ravel()[order])[last_of_tie] / fp_weight.sum()
+    pro = np.cumsum(pro_weight.ravel()[order])[last_of_tie] / n_regions
+    fpr, pro = np.clip(fpr, None, 1.0), np.clip(pro, None, 1.0)
     return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
 
 
@@ -80,9 +106,10 @@ def area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(area)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT,
+          ranking: Ranking | None = None) -> float:
     """Normalised area under the PRO curve up to `fpr_limit` (1.0 is perfect)."""
-    fpr, pro = pro_curve(masks, maps)
+    fpr, pro = pro_curve(masks, maps, ranking)
     return area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
@@ -93,6 +120,7 @@ def map_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarray) 
     out: dict[str, float | None] = {'det': float(roc_auc_score(labels, scores)), 'f1_max': f1,
                                     'f1_threshold': threshold, 'seg': None, 'aupro': None, 'pixel_ap': None}
     if masks is not None:
-        out.update(seg=segmentation_auroc(masks, maps), aupro=aupro(masks, maps),
-                   pixel_ap=pixel_average_precision(masks, maps))
+        ranking = Ranking(maps)          # one sort of the pixels serves the three pixel-level metrics
+        out.update(seg=ranking.auroc(masks), aupro=aupro(masks, maps, ranking=ranking),
+                   pixel_ap=ranking.average_precision(masks))
     return out

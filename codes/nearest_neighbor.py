@@ -1,9 +1,13 @@
-"""Nearest-neighbour patch scoring: L2 distance from each test embedding to the closest training embedding.
+"""Nearest-neighbour patch scoring: the L2 distance from each test embedding to the closest bank row.
 
-Backends (each finds the nearest training row, then the distance to it is computed exactly in float64):
-- `exact`: blockwise float64 matrix products on the chosen device, never holding a full test x train matrix;
-- `ngt`: NGT's graph index (ANNG, L2, edge sizes 10/40: the original's settings), approximate;
-- `faiss`: faiss's flat L2 index (exact search), if faiss is installed.
+One function, `nearest_distances`, and one small search object per method (fit / nearest_ids / arrays):
+- `exact` (default): on the CPU, the pruned exact search of `cell_index.py` (k-means cells, bounds,
+  float32 scans settled in float64): the truly nearest row, the same on every run and thread count;
+  on CUDA, brute force in large float64 blocks on the GPU (23.5 TFLOP for bottle is seconds there);
+- `brute`: blockwise float64 brute force on any device, the test oracle;
+- `ngt`: NGT's graph index (ANNG, L2, edge sizes 10/40: the original's settings), approximate; it
+  replays the original's search for the paper's figures.
+Each finds the nearest row; the distance to it is then computed exactly in float64.
 """
 from __future__ import annotations
 
@@ -16,139 +20,166 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .cell_index import CellIndex
 from .embeddings import iter_batches
 from .errors import UserError
 
-METHODS = ('exact', 'ngt', 'faiss')
-# Blocks of queries x bank rows small enough to stay in cache on a CPU (measured: ~60 GFLOPS in
-# float64 at 1024x1024 against ~12 at 1024x16384 on 2 cores); a GPU wants far larger blocks.
+METHODS = ('exact', 'ngt', 'brute')
+# Blocks of queries x bank rows for brute force: small enough to stay in cache on a CPU, large on a GPU.
 CPU_BLOCKS = (1024, 1024)
 CUDA_BLOCKS = (8192, 65536)
 NGT_QUERY_CHUNK = 16384
 
 
-def nearest_distances(queries: np.ndarray, bank: np.ndarray, method: str = 'exact',
-                      device: torch.device | str = 'cpu', desc: str = 'search',
-                      ngt_path: Path | None = None, query_groups: np.ndarray | None = None,
-                      bank_groups: np.ndarray | None = None) -> np.ndarray:
-    """For embeddings `queries` (..., D) and `bank` (M, D): the distance to the nearest bank row, float32 (...).
-
-    With `ngt_path`, the NGT index of `bank` is opened from there if it exists, else built there.
-    With `query_groups` (one int per query row) and `bank_groups` (one per bank row), a bank row is
-    never the neighbour of a query of the same group (leave-one-image-out scoring); exact search only.
-    """
-    flat = as_rows(queries)
-    bank = as_rows(bank)
-    if (query_groups is None) != (bank_groups is None):
-        raise ValueError('query_groups and bank_groups go together')
-    if query_groups is not None:
-        if method != 'exact':
-            raise UserError(f'leave-one-out search needs --nn exact, not {method!r}')
-        ids = exact_ids(flat, bank, torch.device(device), desc, np.asarray(query_groups).reshape(-1),
-                        np.asarray(bank_groups).reshape(-1))
-    elif method == 'ngt' and ngt_path is not None:
-        ids = NGTIndex.cached(bank, ngt_path).nearest_ids(flat, desc)
-    else:
-        ids = nearest_ids(flat, bank, method, device, desc)
-    return distances_to(flat, bank, ids).reshape(queries.shape[:-1])
-
-
 def as_rows(embeddings: np.ndarray) -> np.ndarray:
-    """(..., D) -> contiguous float32 (M, D), as NGT and faiss want it."""
+    """(..., D) -> contiguous float32 (M, D)."""
     return np.ascontiguousarray(embeddings.reshape(-1, embeddings.shape[-1]), dtype=np.float32)
 
 
-def nearest_ids(queries: np.ndarray, bank: np.ndarray, method: str, device: torch.device | str = 'cpu',
-                desc: str = 'search') -> np.ndarray:
-    """Index of the nearest bank row for each query row."""
-    if method == 'exact':
-        return exact_ids(queries, bank, torch.device(device), desc)
-    if method == 'ngt':
-        with tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-') as folder:
-            return NGTIndex.build(bank, Path(folder) / 'index').nearest_ids(queries, desc)
-    if method == 'faiss':
-        return faiss_ids(queries, bank)
-    raise UserError(f'--nn must be one of {", ".join(METHODS)}, not {method!r}')
+class BruteForceSearch:
+    """Every query against every bank row, blockwise in float64 on `device`."""
+    name = 'brute'
+
+    def __init__(self, device: torch.device | str = 'cpu'):
+        self.device = torch.device(device)
+        self.bank: np.ndarray | None = None
+
+    def fit(self, bank: np.ndarray) -> BruteForceSearch:
+        self.bank = as_rows(bank)
+        return self
+
+    @torch.no_grad()
+    def nearest_ids(self, queries: np.ndarray, query_groups: np.ndarray | None = None,
+                    bank_groups: np.ndarray | None = None, desc: str = 'search') -> np.ndarray:
+        # float64: in float32, ||q||^2 + ||b||^2 - 2 q.b loses the small distances that matter most.
+        device = self.device
+        q_block, b_block = CUDA_BLOCKS if device.type == 'cuda' else CPU_BLOCKS
+        bank_t = torch.from_numpy(self.bank).to(device, torch.float64)
+        bank_sq = (bank_t ** 2).sum(1)
+        qg = None if query_groups is None else torch.from_numpy(np.asarray(query_groups, np.int64)).to(device)
+        bg = None if bank_groups is None else torch.from_numpy(np.asarray(bank_groups, np.int64)).to(device)
+        ids = np.empty(len(queries), np.int64)
+        for qs in tqdm(list(iter_batches(len(queries), q_block)), desc=desc, unit='block', leave=False, disable=None):
+            q = torch.from_numpy(queries[qs]).to(device, torch.float64)
+            best = torch.full((len(q),), float('inf'), dtype=torch.float64, device=device)
+            best_id = torch.full((len(q),), -1, dtype=torch.int64, device=device)
+            for bs in iter_batches(len(bank_t), b_block):
+                # ||b||^2 - 2 q.b: the squared distance less ||q||^2, which does not change the argmin
+                value = torch.addmm(bank_sq[bs], q, bank_t[bs].T, alpha=-2)
+                if qg is not None:
+                    value.masked_fill_(qg[qs][:, None] == bg[bs][None, :], float('inf'))
+                value, idx = value.min(1)
+                better = value < best
+                best = torch.where(better, value, best)
+                best_id = torch.where(better, idx + bs.start, best_id)
+            ids[qs] = best_id.cpu().numpy()
+        return ids
 
 
-def distances_to(queries: np.ndarray, bank: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Exact L2 distances from each query to its chosen bank row (float64 arithmetic, float32 result)."""
-    out = np.empty(len(queries), np.float32)
-    for sl in iter_batches(len(queries), 1 << 16):
-        diff = queries[sl].astype(np.float64) - bank[ids[sl]]
-        out[sl] = np.sqrt(np.einsum('ij,ij->i', diff, diff))
-    return out
+class ExactSearch:
+    """Exact nearest neighbours: the pruned cell index on the CPU, brute force on a GPU."""
+    name = 'exact'
 
-
-@torch.no_grad()
-def exact_ids(queries: np.ndarray, bank: np.ndarray, device: torch.device, desc: str = 'search',
-              query_groups: np.ndarray | None = None, bank_groups: np.ndarray | None = None) -> np.ndarray:
-    # float64: in float32, ||q||^2 + ||b||^2 - 2 q.b loses the small distances that matter most.
-    q_block, b_block = CUDA_BLOCKS if device.type == 'cuda' else CPU_BLOCKS
-    bank_t = torch.from_numpy(bank).to(device, torch.float64)
-    bank_sq = (bank_t ** 2).sum(1)
-    ids = np.empty(len(queries), np.int64)
-    for qs in tqdm(list(iter_batches(len(queries), q_block)), desc=desc, unit='block', leave=False, disable=None):
-        q = torch.from_numpy(queries[qs]).to(device, torch.float64)
-        best = torch.full((len(q),), float('inf'), dtype=torch.float64, device=device)
-        best_id = torch.zeros(len(q), dtype=torch.int64, device=device)
-        for bs in iter_batches(len(bank_t), b_block):
-            # ||b||^2 - 2 q.b: the squared distance less ||q||^2, which does not change the argmin.
-            value = torch.addmm(bank_sq[bs], q, bank_t[bs].T, alpha=-2)
-            if query_groups is not None:
-                same = torch.from_numpy(query_groups[qs][:, None] == bank_groups[bs][None, :]).to(device)
-                value = value.masked_fill(same, float('inf'))
-            value, idx = value.min(1)
-            better = value < best
-            best = torch.where(better, value, best)
-            best_id = torch.where(better, idx + bs.start, best_id)
-        ids[qs] = best_id.cpu().numpy()
-    return ids
-
-
-class NGTIndex:
-    """An NGT graph index on disk with the original's settings (ANNG, L2, edge sizes 10 for creation, 40 for search)."""
-
-    def __init__(self, index):
+    def __init__(self, device: torch.device | str = 'cpu', index: CellIndex | None = None):
+        self.device = torch.device(device)
         self.index = index
+        self.bank: np.ndarray | None = None
+        self.groups: np.ndarray | None = None
+
+    def fit(self, bank: np.ndarray, groups: np.ndarray | None = None) -> ExactSearch:
+        """Builds the cell index (CPU only; a few seconds for bottle's 679k rows). With `groups` (one per
+        bank row), rows equal in value but of different groups are kept apart for leave-one-out search."""
+        self.bank = as_rows(bank)
+        self.groups = None if groups is None else np.asarray(groups, np.int64).reshape(-1)
+        if self.device.type != 'cuda' and self.index is None:
+            self.index = CellIndex.build(self.bank, self.groups)
+        return self
+
+    def nearest_ids(self, queries: np.ndarray, query_groups: np.ndarray | None = None,
+                    bank_groups: np.ndarray | None = None, desc: str = 'search') -> np.ndarray:
+        if self.device.type == 'cuda':
+            return BruteForceSearch(self.device).fit(self.bank).nearest_ids(queries, query_groups, bank_groups, desc)
+        if query_groups is not None and (self.groups is None or not np.array_equal(self.groups, bank_groups)):
+            # the cached index merged equal rows of different groups: leave-one-out needs them apart
+            return ExactSearch(self.device).fit(self.bank, bank_groups).nearest_ids(queries, query_groups,
+                                                                                    bank_groups, desc)
+        return self.index.search(self.bank, queries, query_groups, bank_groups)
+
+    def arrays(self) -> dict[str, np.ndarray] | None:
+        """The index's arrays, for caching beside the bank (None on a GPU, where no index is needed)."""
+        return None if self.index is None else self.index.arrays()
 
     @classmethod
-    def build(cls, bank: np.ndarray, path: Path, save: bool = False) -> NGTIndex:
+    def from_arrays(cls, bank: np.ndarray, arrays: dict[str, np.ndarray], device: torch.device | str = 'cpu'
+                    ) -> ExactSearch | None:
+        """The search over `bank` with a saved index, or None if the arrays do not fit this bank."""
+        index = CellIndex.from_arrays(arrays, len(as_rows(bank)))
+        if index is None:
+            return None
+        search = cls(device, index)
+        search.bank = as_rows(bank)
+        return search
+
+
+class NGTSearch:
+    """An NGT graph index with the original's settings (ANNG, L2, edge sizes 10 for creation, 40 for search),
+    kept on disk at `path` when given (opened if it holds the bank's rows, else built there)."""
+    name = 'ngt'
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.index = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def fit(self, bank: np.ndarray) -> NGTSearch:
+        bank = as_rows(bank)
+        if self.path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-')
+            self.index = self.build(bank, Path(self._tmp.name) / 'index')
+        else:
+            self.index = self.cached(bank, self.path)
+        return self
+
+    @staticmethod
+    def build(bank: np.ndarray, path: Path, save: bool = False):
         import ngtpy
         ngtpy.create(str(path), bank.shape[1])   # the defaults are the original's settings
         index = ngtpy.Index(str(path), log_disabled=True)
         index.batch_insert(as_rows(bank), num_threads=os.cpu_count() or 1)
         if save:
             index.save()
-        return cls(index)
+        return index
 
-    @classmethod
-    def open(cls, path: Path) -> NGTIndex:
+    @staticmethod
+    def open(path: Path):
         import ngtpy
-        return cls(ngtpy.Index(str(path), read_only=True, log_disabled=True))
+        return ngtpy.Index(str(path), read_only=True, log_disabled=True)
 
     @classmethod
-    def cached(cls, bank: np.ndarray, path: Path) -> NGTIndex:
+    def cached(cls, bank: np.ndarray, path: Path):
         """Opens the index saved at `path` if it holds `bank`'s rows; else builds it beside and renames it there."""
         if path.exists():
             try:
                 index = cls.open(path)
-                if index.index.get_num_of_objects() == len(bank):
+                if index.get_num_of_objects() == len(bank):
                     return index
             except RuntimeError:
                 pass
             shutil.rmtree(path)
         tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', dir=path.parent))
         try:
-            cls.build(bank, tmp / 'index', save=True).index.close()
+            cls.build(bank, tmp / 'index', save=True).close()
             os.replace(tmp / 'index', path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path)
 
-    def nearest_ids(self, queries: np.ndarray, desc: str = 'search') -> np.ndarray:
+    def nearest_ids(self, queries: np.ndarray, query_groups: np.ndarray | None = None,
+                    bank_groups: np.ndarray | None = None, desc: str = 'search') -> np.ndarray:
         """Batch queries in chunks (for the progress bar), one result each."""
         import ngtpy
+        if query_groups is not None:
+            raise UserError("leave-one-out search needs --nn exact, not 'ngt'")
         ids = np.empty(len(queries), np.int64)
         results = ngtpy.BatchResults()
         for qs in tqdm(list(iter_batches(len(queries), NGT_QUERY_CHUNK)), desc=desc, unit='chunk', leave=False,
@@ -160,13 +191,56 @@ class NGTIndex:
             ids[qs] = found
         return ids
 
+    def arrays(self) -> None:
+        return None
 
-def faiss_ids(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    try:
-        import faiss
-    except ImportError:
-        raise UserError('--nn faiss needs faiss: pip install faiss-cpu') from None
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank)
-    _, ids = index.search(queries, 1)
-    return ids[:, 0].astype(np.int64)
+
+def make_search(method: str, device: torch.device | str = 'cpu', ngt_path: Path | None = None):
+    """An unfitted search object for `method`."""
+    if method == 'exact':
+        return ExactSearch(device)
+    if method == 'brute':
+        return BruteForceSearch(device)
+    if method == 'ngt':
+        return NGTSearch(ngt_path)
+    raise UserError(f'--nn must be one of {", ".join(METHODS)}, not {method!r}')
+
+
+def nearest_distances(queries: np.ndarray, bank: np.ndarray, method: str = 'exact',
+                      device: torch.device | str = 'cpu', desc: str = 'search',
+                      ngt_path: Path | None = None, query_groups: np.ndarray | None = None,
+                      bank_groups: np.ndarray | None = None, search=None) -> np.ndarray:
+    """For embeddings `queries` (..., D) and `bank` (M, D): the distance to the nearest bank row, float32 (...).
+
+    `search`: a search object already fitted on `bank` (e.g. cached with the memory bank), else one is
+    fitted here. With `ngt_path`, the NGT index is opened from there if it exists, else built there.
+    With `query_groups` (one int per query row) and `bank_groups` (one per bank row), a bank row is never
+    the neighbour of a query of the same group (leave-one-image-out scoring; `exact` and `brute` only);
+    a query left with no row gets infinity.
+    """
+    flat = as_rows(queries)
+    bank = as_rows(bank)
+    if (query_groups is None) != (bank_groups is None):
+        raise ValueError('query_groups and bank_groups go together')
+    if query_groups is not None:
+        query_groups = np.asarray(query_groups, np.int64).reshape(-1)
+        bank_groups = np.asarray(bank_groups, np.int64).reshape(-1)
+    if search is None:
+        search = make_search(method, device, ngt_path)
+        if isinstance(search, ExactSearch) and query_groups is not None:
+            search.fit(bank, bank_groups)
+        else:
+            search.fit(bank)
+    ids = search.nearest_ids(flat, query_groups, bank_groups, desc)
+    return distances_to(flat, bank, ids).reshape(queries.shape[:-1])
+
+
+def distances_to(queries: np.ndarray, bank: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact L2 distances from each query to its chosen bank row (float64 arithmetic, float32 result);
+    infinity where no row was chosen (id -1)."""
+    out = np.empty(len(queries), np.float32)
+    for sl in iter_batches(len(queries), 1 << 16):
+        chosen = ids[sl]
+        diff = queries[sl].astype(np.float64) - bank[np.maximum(chosen, 0)]
+        out[sl] = np.where(chosen >= 0, np.sqrt(np.einsum('ij,ij->i', diff, diff)), np.inf)
+    return out

@@ -64,7 +64,7 @@ def test_evaluate_finds_the_trained_checkpoint_and_writes_json(trained, syntheti
     assert set(record['aurocs']) == {f'{m}_{k}' for m in ('det', 'seg') for k in ('64', '32', 'sum', 'mult')}
     assert all(0 <= v <= 1 for v in record['aurocs'].values())
     assert f"Det: {record['aurocs']['det_mult'] * 100:4.1f}" in line
-    assert record['settings']['resize'] == 'nearest' and record['settings']['nn'] == 'ngt'
+    assert record['settings']['resize'] == 'nearest' and record['settings']['nn'] == 'exact'
     assert record['settings']['n_train'] == 6 and record['settings']['n_test'] == 6
     assert record['settings']['checkpoint'].endswith('1_0.001_64_enchier.pkl')
     assert record['settings']['memory_bank'] == 'built'
@@ -73,6 +73,7 @@ def test_evaluate_finds_the_trained_checkpoint_and_writes_json(trained, syntheti
     assert again.returncode == 0, again.stderr
     second = json.loads((work / written(again)).read_text())
     assert second['settings']['memory_bank'] == 'cached'
+    assert second['aurocs'] == record['aurocs'] and second['metrics'] == record['metrics']   # exact: same numbers
     assert second['aurocs']['det_64'] == record['aurocs']['det_64']    # exact at K=64: identical
 
 

@@ -94,3 +94,19 @@ def test_pro_curve_points_match_the_definition_on_random_data():
         k = 1 + int(np.searchsorted(-distinct, -t))   # curve point after every score >= t (index 0 is the origin)
         assert fpr[k] == pytest.approx((pred & ~masks).sum() / (~masks).sum())
         assert pro[k] == pytest.approx(np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions]))
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_one_sort_gives_sklearns_auroc_and_ap(seed):
+    """Pixel AUROC and AP from the shared ranking equal scikit-learn's (ties included) to 1e-9."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(seed)
+    maps = rng.random((5, 32, 32)).round(2)            # many ties
+    masks = rng.random((5, 32, 32)) < 0.1 + 0.5 * maps
+    ranking = metrics.Ranking(maps)
+    assert abs(ranking.auroc(masks) - roc_auc_score(masks.ravel(), maps.ravel())) <= 1e-9
+    assert abs(ranking.average_precision(masks) - average_precision_score(masks.ravel(), maps.ravel())) <= 1e-9
+    full = metrics.map_metrics(np.array([1, 0, 1, 0, 1]), masks, maps)
+    assert abs(full['seg'] - metrics.segmentation_auroc(masks, maps)) <= 1e-9
+    assert abs(full['pixel_ap'] - metrics.pixel_average_precision(masks, maps)) <= 1e-9
+    assert abs(full['aupro'] - metrics.aupro(masks, maps)) <= 1e-12

@@ -1,0 +1,428 @@
+"""Exact nearest-neighbour search that prunes: the bank is cut into k-means cells, and a query scans
+only the cells that could hold a row nearer than the best it has found.
+
+Why it is exact. A cell c (centroid c, radius r_c) is skipped for query q only when a rigorous lower
+bound on ||q - x|| for every row x of c reaches the best distance already found: the triangle bound
+||q - c|| - r_c, and the Voronoi bound (every row of c is nearer c than any other centroid j, so q is
+at least (||q-c||^2 - ||q-j||^2) / (2 ||c-j||) from c's rows). Distances are computed in float32 for
+speed, but always in coordinates centred on a nearby centroid (so float32 keeps the small distances
+between near-identical patches), and every comparison carries the worst-case float32 error of that
+computation (`GAMMA`). A query whose best and second-best rows are closer than that error is settled
+again in float64 over the same cells. The answer: the truly nearest row (ties may pick another row at
+the same distance), the same on every run and with any number of threads.
+
+Why it is fast. Queries are handled in groups that share a cell, so each visited cell costs one
+matrix product; identical bank rows (uniform background) are stored once; most queries settle after
+their nearest cell and one or two more.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+INDEX_FORMAT = 1
+# Worst-case relative error of a float32 squared distance ||a||^2 + ||b||^2 - 2 a.b in D dimensions,
+# as a fraction of ||a||^2 + ||b||^2 (a dot product of D terms loses at most about D ulps).
+def gamma(D: int) -> float:
+    return (2 * D + 16) * 2.0 ** -24
+
+
+ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float64 temporaries)
+EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
+
+
+def row_hashes(x: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's bits (a random odd multiplier per 32-bit word; equal rows, equal hashes)."""
+    words = np.ascontiguousarray(x).view(np.uint32).reshape(len(x), -1)
+    multipliers = np.random.default_rng(12345).integers(1, 2 ** 32, words.shape[1], dtype=np.uint32) | np.uint32(1)
+    out = np.empty(len(x), np.uint64)
+    for sl in _chunks(len(x), 8192):            # in cache-sized pieces; uint32 products wrap around
+        w = words[sl] * multipliers
+        out[sl] = w.sum(1, dtype=np.uint64) ^ (w[:, ::2].sum(1, dtype=np.uint64) << np.uint64(32))
+    return out
+
+
+def unique_rows(x: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, inverse): ascending indices of the first occurrence of each distinct row (of each distinct
+    (row, group) pair), and for every row the position in `keep` of a row equal to it."""
+    n = len(x)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    h = row_hashes(x)
+    if groups is not None:
+        h = h * np.uint64(0x9E3779B97F4A7C15) + np.asarray(groups).astype(np.uint64)
+    order = np.argsort(h, kind='stable')
+    same = (h[order[1:]] == h[order[:-1]]) & np.all(x[order[1:]] == x[order[:-1]], axis=1)
+    if groups is not None:
+        same &= groups[order[1:]] == groups[order[:-1]]
+    starts_run = np.r_[True, ~same]              # equal neighbours in hash order collapse onto the first
+    run = np.cumsum(starts_run) - 1
+    firsts = order[starts_run]
+    by_index = np.argsort(firsts, kind='stable')
+    rank = np.empty_like(by_index)
+    rank[by_index] = np.arange(len(by_index))
+    inverse = np.empty(n, np.int64)
+    inverse[order] = rank[run]
+    return firsts[by_index], inverse
+
+
+@dataclass
+class CellIndex:
+    """The bank's rows sorted by cell and centred on their centroid, with what the bounds need."""
+    centroids: np.ndarray     # (k, D) float64
+    radius: np.ndarray        # (k,) float64: max distance of a cell's rows to its centroid
+    home_gap: np.ndarray      # (k,) float64: max distance of a cell's centroid to the centroid its rows were
+                              #   compared from (see `assign`); enters the Voronoi bound's error margin
+    rows: np.ndarray          # (n,) int64: bank row of each sorted position (the first copy of duplicates)
+    starts: np.ndarray        # (k + 1,) int64: cell c holds sorted positions starts[c]:starts[c+1]
+    n_bank: int               # rows of the bank it was built from
+
+    # ---- building
+    @classmethod
+    def build(cls, bank: np.ndarray, groups: np.ndarray | None = None, seed: int = 0,
+              cells: int | None = None) -> CellIndex:
+        """k-means cells (about sqrt(n) of them, seeded) over the distinct rows of `bank` (M, D) float32."""
+        import faiss
+        bank = np.ascontiguousarray(bank, np.float32)
+        keep = unique_rows(bank, groups)[0]
+        n, D = len(keep), bank.shape[1]
+        k = max(1, min(n, cells or round(math.sqrt(n))))
+        if k == 1:
+            centroids = bank[keep].astype(np.float64).mean(0, keepdims=True)
+        else:
+            mean = bank[keep].astype(np.float64).mean(0)
+            sample = np.random.default_rng(seed).choice(n, min(n, 32 * k), replace=False)
+            train = (bank[keep[np.sort(sample)]] - mean).astype(np.float32)
+            km = faiss.Kmeans(D, k, niter=10, seed=seed, max_points_per_centroid=32, min_points_per_centroid=1,
+                              verbose=False)
+            km.train(train)
+            centroids = km.centroids.astype(np.float64) + mean
+        # float32-representable centroids: rows and queries are centred on them in float32 without rounding
+        # the centroid (a float32 difference of nearby float32 numbers is exact or nearly so)
+        centroids = centroids.astype(np.float32).astype(np.float64)
+        with worker_pool() as pmap:
+            cell, home_gap = assign(bank, keep, centroids, pmap)
+        used = np.bincount(cell, minlength=len(centroids)) > 0      # drop empty cells: the rest stay Voronoi cells
+        remap = np.cumsum(used) - 1
+        centroids, cell = centroids[used], remap[cell]
+        order = np.argsort(cell, kind='stable')
+        rows, cell = keep[order], cell[order]
+        starts = np.searchsorted(cell, np.arange(len(centroids) + 1))
+        radius = np.zeros(len(centroids))
+        gap = np.zeros(len(centroids))
+        np.maximum.at(gap, cell, home_gap[order])
+        index = cls(centroids, radius, gap, rows, starts, len(bank))
+        for sl in _chunks(len(rows)):
+            d = np.linalg.norm(bank[rows[sl]] - centroids[cell[sl]], axis=1)
+            np.maximum.at(radius, cell[sl], d)
+        return index
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything needed to rebuild the index around the same bank (for caching, no pickle)."""
+        return {'centroids': self.centroids, 'radius': self.radius, 'home_gap': self.home_gap, 'rows': self.rows,
+                'starts': self.starts, 'meta': np.array([INDEX_FORMAT, self.n_bank], np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], bank_rows: int) -> CellIndex | None:
+        """The index saved by `arrays()`, or None if it is of another format or another bank's size."""
+        try:
+            fmt, n_bank = (int(v) for v in arrays['meta'])
+            index = cls(arrays['centroids'], arrays['radius'], arrays['home_gap'], arrays['rows'], arrays['starts'],
+                        n_bank)
+        except (KeyError, ValueError, TypeError):
+            return None
+        k = len(index.centroids)
+        if (fmt != INDEX_FORMAT or n_bank != bank_rows or index.starts.shape != (k + 1,) or index.starts[-1] !=
+                len(index.rows) or len(index.rows) and (index.rows.min() < 0 or index.rows.max() >= n_bank)):
+            return None
+        return index
+
+    # ---- searching
+    def search(self, bank: np.ndarray, queries: np.ndarray, query_groups: np.ndarray | None = None,
+               bank_groups: np.ndarray | None = None) -> np.ndarray:
+        """Index of a nearest bank row for each query row (float32 (n, D)); with groups, rows of the query's
+        own group are never its neighbour (-1 where no row is left)."""
+        return _Search(self, bank, queries, query_groups, bank_groups).run()
+
+
+@contextlib.contextmanager
+def worker_pool():
+    """A map over as many single-threaded workers as torch has threads. The work here is many modest
+    matrix products: torch's own intra-op threads would meet at a barrier after each, which costs more
+    than the work (and far more when the CPU is shared); a pool keeps every core busy instead."""
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        torch.set_num_threads(1)
+        try:
+            yield pool.map
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _chunks(n: int, size: int = ROW_CHUNK):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def relative_sqdist(points: np.ndarray, origin: np.ndarray, centroids: np.ndarray
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared distances (n, k) float32 from `points` to `centroids`, computed with `origin` subtracted
+    first (in float64) so that float32 keeps the small differences; also ||p - o||^2 (n,) and ||c - o||^2 (k,)."""
+    o = origin.astype(np.float32)
+    p = torch.from_numpy(np.asarray(points, np.float32)) - torch.from_numpy(o)
+    c = torch.from_numpy((centroids - o).astype(np.float32))
+    pn, cn = (p * p).sum(1), (c * c).sum(1)
+    d = torch.addmm(cn[None, :], p, c.T, alpha=-2).add_(pn[:, None]).clamp_(min=0)
+    return d, pn, cn
+
+
+def coarse_home(source: np.ndarray, idx: np.ndarray, centroids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A centroid near each point source[idx] (not necessarily the nearest), cheaply: the nearest of ~sqrt(k)
+    groups of centroids, then the nearest within that group. It only serves as an origin for `relative_sqdist`."""
+    k = len(centroids)
+    origin = centroids.mean(0)
+    if k <= 64:
+        return np.concatenate([relative_sqdist(source[idx[sl]], origin, centroids)[0].numpy().argmin(1)
+                               for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
+    import faiss
+    km = faiss.Kmeans(centroids.shape[1], round(math.sqrt(k)), niter=10, seed=seed, verbose=False,
+                      min_points_per_centroid=1)
+    km.train((centroids - origin).astype(np.float32))
+    tops = km.centroids.astype(np.float64) + origin
+    group_of = relative_sqdist(centroids, origin, tops)[0].numpy().argmin(1)
+    top = np.concatenate([relative_sqdist(source[idx[sl]], origin, tops)[0].numpy().argmin(1)
+                          for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
+    out = np.empty(len(idx), np.int64)
+    for t in np.unique(top):
+        members = np.flatnonzero(group_of == t)
+        if len(members) == 0:
+            members = np.arange(k)
+        pts = np.flatnonzero(top == t)
+        for sl in _chunks(len(pts)):
+            near = relative_sqdist(source[idx[pts[sl]]], tops[t], centroids[members])[0].numpy().argmin(1)
+            out[pts[sl]] = members[near]
+    return out
+
+
+def assign(bank: np.ndarray, keep: np.ndarray, centroids: np.ndarray, pmap=map) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest centroid of each kept bank row, computed relative to a nearby centroid (so its float32
+    error is small), and the distance from that nearby centroid to the chosen one (the error margin's scale)."""
+    home = coarse_home(bank, keep, centroids)
+    order = np.argsort(home, kind='stable')
+    bounds = np.searchsorted(home[order], np.arange(len(centroids) + 1))
+    groups = [(a, order[bounds[a]:bounds[a + 1]][sl]) for a in range(len(centroids))
+              for sl in _chunks(int(bounds[a + 1] - bounds[a]))]
+
+    def nearest(a: int, rows: np.ndarray) -> np.ndarray:
+        return relative_sqdist(bank[keep[rows]], centroids[a], centroids)[0].numpy().argmin(1)
+
+    cell = np.empty(len(keep), np.int64)
+    gap = np.empty(len(keep))
+    for (a, rows), found in zip(groups, pmap(nearest, [a for a, _ in groups], [r for _, r in groups])):
+        cell[rows] = found
+        gap[rows] = np.linalg.norm(centroids[found] - centroids[a], axis=1)
+    return cell, gap
+
+
+class _Search:
+    """One search's state: each query's best and second-best float32 squared distance (relative to the
+    scanned cell's centroid), their error bounds, and every (query, cell) pair that may hold its neighbour."""
+
+    def __init__(self, index: CellIndex, bank: np.ndarray, queries: np.ndarray,
+                 query_groups: np.ndarray | None, bank_groups: np.ndarray | None):
+        self.ix = index
+        self.bank = np.ascontiguousarray(bank, np.float32)
+        self.D = self.bank.shape[1]
+        self.gamma = gamma(self.D)
+        queries = np.ascontiguousarray(queries, np.float32)
+        if query_groups is None:
+            self.keep, self.inverse = unique_rows(queries)       # identical queries are answered once
+            self.qgroups = self.bgroups = None
+        else:
+            self.keep, self.inverse = np.arange(len(queries)), np.arange(len(queries))
+            self.qgroups = np.asarray(query_groups, np.int64).reshape(-1)
+            self.bgroups = np.asarray(bank_groups, np.int64).reshape(-1)[index.rows]
+        self.q = queries[self.keep]
+        self.qt = torch.from_numpy(self.q)
+        self.c32 = torch.from_numpy(index.centroids.astype(np.float32))
+        n = len(self.q)
+        self.best = np.full(n, np.inf, np.float32)
+        self.second = np.full(n, np.inf, np.float32)
+        self.best_err = np.zeros(n, np.float32)         # float32 error bound of `best`
+        self.max_err = np.zeros(n, np.float32)          # largest error bound of any row scanned for the query
+        self.best_pos = np.full(n, -1, np.int64)        # sorted position of the best row
+        self.rows, self.row_norms = self._centred_rows()
+        self.radius = torch.from_numpy(index.radius).float()
+        self.between = torch.cdist(torch.from_numpy(index.centroids), torch.from_numpy(index.centroids)).float()
+        self.margin = self.gamma * (4 * torch.from_numpy(index.radius) ** 2
+                                    + 7 * torch.from_numpy(index.home_gap) ** 2).float()
+
+    def _centred_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted bank rows minus their cell's centroid (computed in float64, kept in float32), and
+        their squared norms."""
+        ix = self.ix
+        cell = np.repeat(np.arange(len(ix.centroids)), np.diff(ix.starts))
+        out = np.empty((len(ix.rows), self.D), np.float32)
+        c32 = ix.centroids.astype(np.float32)
+        for sl in _chunks(len(ix.rows)):
+            np.subtract(self.bank[ix.rows[sl]], c32[cell[sl]], out=out[sl])
+        rows = torch.from_numpy(out)
+        return rows, (rows * rows).sum(1)
+
+    def scan_cell(self, c: int, qi: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Queries `qi` against every row of cell c: one float32 matrix product; for each query the smallest
+        squared distance, its sorted position, the second smallest and their float32 error bound.
+        Reads only what does not change during a search, so cells can be scanned in parallel."""
+        lo, hi = int(self.ix.starts[c]), int(self.ix.starts[c + 1])
+        q = self.qt[torch.from_numpy(qi)] - self.c32[c]
+        qn = (q * q).sum(1).numpy()
+        # ||q||^2 is added after the minimum: it does not change which row is nearest
+        s = torch.addmm(self.row_norms[None, lo:hi], q, self.rows[lo:hi].T, alpha=-2).numpy()
+        if self.bgroups is not None:
+            s[self.qgroups[qi][:, None] == self.bgroups[None, lo:hi]] = np.inf
+        # NumPy's row-wise argmin is vectorised (an order of magnitude faster than torch's min with indices)
+        i1 = s.argmin(1)
+        r = np.arange(len(qi))
+        v1 = s[r, i1] + qn
+        s[r, i1] = np.inf
+        v2 = s.min(1) + qn if hi - lo > 1 else np.full(len(qi), np.inf, np.float32)
+        err = (qn + np.float32(self.ix.radius[c]) ** 2) * np.float32(self.gamma)
+        return qi, v1, i1 + lo, v2, err
+
+    def merge(self, qi: np.ndarray, v1: np.ndarray, pos: np.ndarray, v2: np.ndarray, err: np.ndarray) -> None:
+        """Folds one cell's results into the queries' state (in cell order: ties keep the earlier row)."""
+        old1, old2 = self.best[qi], self.second[qi]
+        better = v1 < old1
+        self.second[qi] = np.where(better, np.minimum(old1, v2), np.minimum(old2, v1))
+        self.best[qi] = np.where(better, v1, old1)
+        self.best_pos[qi] = np.where(better, pos, self.best_pos[qi])
+        self.best_err[qi] = np.where(better, err, self.best_err[qi])
+        self.max_err[qi] = np.maximum(self.max_err[qi], err)
+
+    def scan_pairs(self, pq: np.ndarray, pc: np.ndarray) -> None:
+        """Scans every (query, cell) pair: one matrix product per cell, cells in parallel, merged in order."""
+        if len(pq) == 0:
+            return
+        order = np.argsort(pc, kind='stable')
+        pq, pc = pq[order], pc[order]
+        cuts = np.flatnonzero(np.diff(pc)) + 1
+        for result in self.map(self.scan_cell, [int(c) for c in pc[np.r_[0, cuts]]], np.split(pq, cuts)):
+            self.merge(*result)
+
+    def limit(self, t: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """No row nearer than this can exist for the query beyond what it has found (float32 error included)."""
+        return np.sqrt(self.best[t] + self.best_err[t])
+
+    def nearest_cells(self, qi: np.ndarray, origin: int) -> np.ndarray:
+        """Each query's nearest centroid, from distances taken relative to centroid `origin` (near them)."""
+        return relative_sqdist(self.q[qi], self.ix.centroids[origin], self.ix.centroids)[0].numpy().argmin(1)
+
+    def next_cells(self, qi: np.ndarray, origin: int, count: int = 8) -> np.ndarray:
+        """The `count` nearest centroids of each query (for queries whose nearest cell held no usable row)."""
+        d = relative_sqdist(self.q[qi], self.ix.centroids[origin], self.ix.centroids)[0]
+        return torch.topk(d, min(count, len(self.ix.centroids)), dim=1, largest=False)[1].numpy()
+
+    def candidates(self, qi: np.ndarray, origin: int) -> tuple[np.ndarray, ...]:
+        """(query, cell, lower bound, stage) of every cell that may still hold a row nearer than what each query
+        has found; stage 1: scan next, 2: scan if still needed. Reads the state, writes nothing."""
+        ix, g = self.ix, self.gamma
+        d, qn, cn = relative_sqdist(self.q[qi], ix.centroids[origin], ix.centroids)
+        jn = d.numpy().argmin(1)
+        j = torch.from_numpy(jn)
+        limit = torch.from_numpy(self.limit(qi))
+        rows = torch.arange(len(qi))
+        # d less its float32 error: a lower bound on the true squared distance to each centroid
+        low = d.sub_(cn[None, :] * g).sub_(qn[:, None] * g)
+        up_j = low[rows, j] + 2 * g * (qn + cn[j])          # an upper bound on the distance to j
+        tri = low.clamp(min=0).sqrt_().sub_(self.radius[None, :])       # triangle bound, densely
+        r, c = torch.nonzero(tri < limit[:, None], as_tuple=True)
+        jr = j[r]
+        between = self.between[jr, c]
+        # Voronoi bound against j for the survivors: rows of c are nearer c than j (up to the assignment's error)
+        vor = (low[r, c] - up_j[r] - self.margin[c] - 2 * g * between ** 2) / (2 * between)
+        bound = torch.maximum(tri[r, c], torch.nan_to_num(vor, nan=0.0, posinf=0.0, neginf=0.0)).clamp_(min=0)
+        bound = bound * (1 - 2.0 ** -20) - 2.0 ** -20 * self.radius[c]        # the bound's own rounding
+        keep = (bound < limit[r]) & (c != jr)
+        r, c, bound = r[keep].numpy(), c[keep].numpy(), bound[keep].numpy()
+        # the EARLY_CELLS most promising cells of each query are scanned first, to tighten its limit
+        order = np.lexsort((bound, r))
+        r, c, bound = r[order], c[order], bound[order]
+        first_of = np.searchsorted(r, r)
+        stage = np.where(np.arange(len(r)) - first_of < EARLY_CELLS, 1, 2).astype(np.int8)
+        return qi[r], c, bound.astype(np.float32), stage
+
+    def run(self) -> np.ndarray:
+        ix, n, k = self.ix, len(self.q), len(self.ix.centroids)
+        with worker_pool() as pmap:
+            self.map = pmap
+            home = coarse_home(self.q, np.arange(n), ix.centroids)
+            order = np.argsort(home, kind='stable')
+            cuts = np.searchsorted(home[order], np.arange(k + 1))
+            groups = [(a, order[cuts[a]:cuts[a + 1]][sl]) for a in range(k)
+                      for sl in _chunks(int(cuts[a + 1] - cuts[a]), 8192)]
+            origins, members = [a for a, _ in groups], [m for _, m in groups]
+            # 1. each query's nearest cell
+            nearest = list(pmap(self.nearest_cells, members, origins))
+            done_q, done_c = list(members), list(nearest)
+            self.scan_pairs(np.concatenate(members or [np.zeros(0, np.int64)]),
+                            np.concatenate(nearest or [np.zeros(0, np.int64)]))
+            # 2. queries whose nearest cell held nothing usable (leave-one-out): their next cells
+            lost = [(a, m[np.isinf(self.best[m])]) for a, m in groups]
+            lost = [(a, m) for a, m in lost if len(m)]
+            if lost and k > 1:
+                nxt = list(pmap(self.next_cells, [m for _, m in lost], [a for a, _ in lost]))
+                lq = [np.repeat(m, c.shape[1]) for (_, m), c in zip(lost, nxt)]
+                lc = [c.ravel() for c in nxt]
+                self.scan_pairs(np.concatenate(lq), np.concatenate(lc))
+                done_q += lq
+                done_c += lc
+            # 3. every other cell that may hold a nearer row: the most promising first, then the rest
+            parts = list(pmap(self.candidates, members, origins)) if k > 1 else []
+            pq, pc, plb, stage = (np.concatenate(x) for x in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 4
+            self.scan_pairs(pq[stage == 1], pc[stage == 1])
+            rest = (stage == 2) & (plb < self.limit()[pq])
+            self.scan_pairs(pq[rest], pc[rest])
+            # 4. near-ties, in float64, over every cell that may hold the neighbour
+            done_q, done_c = np.concatenate(done_q), np.concatenate(done_c)
+            self.settle_ties(np.concatenate([done_q, pq]), np.concatenate([done_c, pc]),
+                             np.concatenate([np.zeros(len(done_q), np.float32), plb]))
+        pos = self.best_pos
+        ids = np.where(pos >= 0, ix.rows[np.maximum(pos, 0)], -1)
+        return ids[self.inverse]
+
+    def settle_ties(self, pq: np.ndarray, pc: np.ndarray, plb: np.ndarray) -> None:
+        """Queries whose best row is within float32 error of another are settled in float64 over every cell
+        that may hold their neighbour; float64 ties go to the lowest sorted position, whatever the order."""
+        tie = (self.second - self.best <= self.best_err + self.max_err) & np.isfinite(self.best)
+        if not tie.any():
+            return
+        sel = tie[pq] & (plb < self.limit()[pq])
+        pq, pc = pq[sel], pc[sel]
+        order = np.argsort(pc, kind='stable')
+        pq, pc = pq[order], pc[order]
+        best = np.full(len(self.q), np.inf)
+        best_pos = self.best_pos.copy()
+        best_pos[tie] = np.iinfo(np.int64).max
+        cuts = np.flatnonzero(np.diff(pc)) + 1
+        for qall, c in zip(np.split(pq, cuts), pc[np.r_[0, cuts]]):
+            lo, hi = int(self.ix.starts[c]), int(self.ix.starts[c + 1])
+            rows = torch.from_numpy(self.bank[self.ix.rows[lo:hi]].astype(np.float64) - self.ix.centroids[c])
+            norms = (rows * rows).sum(1)
+            for sl in _chunks(len(qall), 4096):
+                qi = np.unique(qall[sl])
+                q = torch.from_numpy(self.q[qi].astype(np.float64) - self.ix.centroids[c])
+                s = torch.addmm(norms[None, :], q, rows.T, alpha=-2).add_((q * q).sum(1)[:, None])
+                if self.bgroups is not None:
+                    s.masked_fill_(torch.from_numpy(self.qgroups[qi][:, None] == self.bgroups[None, lo:hi]),
+                                   float('inf'))
+                v, m = s.min(1)
+                v, m = v.numpy(), m.numpy() + lo
+                better = (v < best[qi]) | ((v == best[qi]) & (m < best_pos[qi]))
+                best[qi[better]] = v[better]
+                best_pos[qi[better]] = m[better]
+        self.best_pos = best_pos
