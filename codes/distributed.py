@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,9 +108,16 @@ def session(device: torch.device) -> Iterator[Context]:
                                 device_id=device if device.type == 'cuda' else None)
         try:
             yield Context(rank, world, local, device, launched=True)
-        finally:
+        except BaseException:
+            # On the way out with an error: torchrun's SIGTERM must not kill this rank before it has
+            # printed its line, so signals are ignored from here rather than given back their default.
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            raise
+        else:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        finally:
             with contextlib.suppress(Exception):   # after a peer failed, tearing down may complain too
                 dist.destroy_process_group()
     except (UserError, Terminated) as e:
@@ -191,6 +199,8 @@ def is_peer_failure(e: BaseException, ctx: Context) -> bool:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an error's message, shortened: what a one-line report can carry."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+    """An error's first sentence without a leading `[file.cc:123]` source location, shortened: what a
+    one-line report can carry (gloo's: `Read error [127.0.0.1]:36264: Connection reset by peer`)."""
+    text = re.sub(r'^\[[^\]]*\]\s*', '', str(e).strip())
+    text = text.splitlines()[0] if text else type(e).__name__
+    return text.split('. ')[0][:160]

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, EncoderHier], dict] | N
                         prefetch_factor=4 if workers else None)
     batches = iter(loader)
     step_fn = distributed.wrap(model, ctx)
-    present = [k for k in LOSS_NAMES if k != 'svdd_64' and k != 'svdd_32' or cfg.lambda_value > 0]
+    present = [k for k in LOSS_NAMES if cfg.lambda_value > 0 or not k.startswith('svdd')]   # as the losses' keys
     where = torch.tensor([LOSS_NAMES.index(k) for k in present], device=device)
     # Summed on the device and read once an epoch: reading a loss each step would stall a GPU.
     # Rank 0 carries the sums of a resumed epoch's finished steps; the all-reduce adds the ranks up.

@@ -203,3 +203,13 @@ def test_amp_is_refused_on_the_cpu(synthetic_root, tmp_path, capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err == 'error: --amp: bf16 autocast needs a CUDA device, not cpu; leave out --amp on the CPU\n'
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_peer_failure_is_told_apart_and_shortened():
+    launched = distributed.Context(world_size=2, launched=True)
+    gloo = RuntimeError('[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error '
+                        '[127.0.0.1]:36264: Connection reset by peer. This is typically caused by a remote...')
+    assert distributed.is_peer_failure(gloo, launched)
+    assert not distributed.is_peer_failure(gloo, distributed.Context())   # one process has no peers
+    assert not distributed.is_peer_failure(RuntimeError('mat1 and mat2 shapes cannot be multiplied'), launched)
+    assert distributed.first_line(gloo) == 'Read error [127.0.0.1]:36264: Connection reset by peer'
