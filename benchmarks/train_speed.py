@@ -205,7 +205,7 @@ def processes_table(args) -> None:
             base = first.setdefault(kind, result)
             diff, where = relative_difference(result['weights'], base['weights'])
             print(f'| {name} | {seconds / steps:.4f} | {steps / seconds:.2f} | {4 * args.batch_size * steps / seconds:.0f} '
-                  f'| {float(result["rows"][0]["total"]):.6f} | {"(reference)" if result is base else f"{diff:.1e} ({where})"} |',
+                  f'| {float(result["rows"][0]["total"]):.6f} | {"(reference)" if result is base else f"{diff:.1e} ({where})" if diff else "0 (bit for bit)"} |',
                   flush=True)
     print()
 

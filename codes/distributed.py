@@ -123,8 +123,8 @@ def session(device: torch.device) -> Iterator[Context]:
     except (UserError, Terminated) as e:
         if rank != 0 and not isinstance(e, (RankError, PeerStopped)):
             raise SystemExit(getattr(e, 'exit_code', 130)) from None   # rank 0 reports what all ranks share
-        if isinstance(e, Terminated):   # before training began: nothing to keep
-            raise Interrupted(f'stopped by {e} before training began; nothing was written') from None
+        if isinstance(e, Terminated):   # outside the epochs (which report their own state)
+            raise Interrupted(f'stopped by {e} outside the training epochs; no file is left half-written') from None
         raise
 
 
