@@ -1,17 +1,32 @@
-"""Training iteration speed: the original's iteration against ours, same batches, same seed.
+"""Training speed, three tables (`--tables`, default all):
 
-    python benchmarks/train_speed.py [--batch_size 64] [--steps 8] [--device cpu]
+    python benchmarks/train_speed.py [--tables iteration,loader,processes] [--batch_size 64] [--device cpu]
 
-Both make one encoder call per patch tensor (measured here: one call over all tensors of a size is
-slower on a CPU, the 1,024 quadrant patches fall out of cache); ours runs in channels-last layout.
-Prints patch pairs per second for both and the losses of the first steps side
-by side, starting from the same weights, to show the math is unchanged.
+iteration: the original's iteration against ours, same batches, same seed. Both make one encoder
+call per patch tensor (measured here: one call over all tensors of a size is slower on a CPU, the
+1,024 quadrant patches fall out of cache); ours runs in channels-last layout. Prints patch pairs per
+second for both and the losses of the first steps side by side, starting from the same weights, to
+show the math is unchanged.
+
+loader: how fast the data loader makes global batches with 0, 1, 2... worker processes; a GPU step
+of 9 ms needs about 110 batches/s, which tells how many workers a GPU needs.
+
+processes: main_train.py as a user runs it, on a real class (default bottle, --repeat 2: 7 steps an
+epoch, 2 epochs, the last timed): one process, then torchrun with 1 and 2 gloo ranks on the CPU; where
+CUDA is present, one GPU without and with --amp (and torchrun over all GPUs when there are several).
+Prints steps/s and pairs/s, the mean loss of the first epoch (the same fixed steps for every row)
+and the largest relative weight difference to the first row of the same device.
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import csv
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +34,9 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import common  # noqa: E402,F401  (puts the repository on the path)
+from torch.utils.data import DataLoader  # noqa: E402
+
+from codes import distributed  # noqa: E402
 from codes.datasets import to_device, training_datasets  # noqa: E402
 from codes.losses import patch_svdd_losses  # noqa: E402
 from codes.networks import EncoderHier, PositionClassifier  # noqa: E402
@@ -72,14 +90,7 @@ def run(step_fn, modules, batches, device, channels_last: bool) -> tuple[float, 
     return (time.perf_counter() - started) / (len(batches) - 1), history
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch_size', type=int, default=64)
-    parser.add_argument('--steps', type=int, default=8)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--repeats', type=int, default=3, help='alternating runs of each; the median is reported')
-    args = parser.parse_args()
+def iteration_table(args) -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     modules = [EncoderHier(64, 64).to(device), PositionClassifier(64, 64).to(device), PositionClassifier(32, 64).to(device)]
@@ -109,7 +120,117 @@ def main() -> None:
             worst = max(worst, diff)
             if step < 3:
                 print(f'| {step} | {k} | {a[k]:.7f} | {b[k]:.7f} | {diff:.1e} |')
-    print(f'\nlargest loss difference over {args.steps} steps: {worst:.2e}')
+    print(f'\nlargest loss difference over {args.steps} steps: {worst:.2e}\n')
+
+
+def loader_table(args) -> None:
+    """Global batches per second from the training loader (codes/training.py's), by worker count."""
+    from codes.training import EpochItems, Progress, RunBatches, TrainConfig
+    x, _ = class_images(args)
+    dataset = training_datasets(x, repeat=100, seed=args.seed)
+    cfg = TrainConfig(obj=args.obj, data_root=Path(args.data_root), batch_size=args.batch_size, epochs=1, repeat=100)
+    print(f'data loader, global batches of {args.batch_size} pairs of each kind ({args.obj}), '
+          f'{os.cpu_count()} CPU cores')
+    print('| workers | batches/s | ms/batch |')
+    print('|---|---|---|')
+    for workers in args.workers:
+        loader = DataLoader(EpochItems(dataset), batch_sampler=RunBatches(cfg, distributed.Context(), len(dataset),
+                                                                          Progress(1, 0, {})),
+                            num_workers=workers, prefetch_factor=4 if workers else None)
+        batches = iter(loader)
+        next(batches)   # workers started
+        started = time.perf_counter()
+        for _ in range(args.loader_batches):
+            next(batches)
+        rate = args.loader_batches / (time.perf_counter() - started)
+        print(f'| {workers} | {rate:.1f} | {1000 / rate:.1f} |')
+        del batches
+    print()
+
+
+def class_images(args) -> tuple[np.ndarray, int]:
+    from codes import mvtecad
+    files = mvtecad.find_class(Path(args.data_root), args.obj)
+    images = mvtecad.load_images(files.train, args.resize, f'{args.obj} train')
+    return mvtecad.standardize(images, mvtecad.mean_image(images)), len(files.train)
+
+
+def train_run(launcher: list[str], flags: list[str], env: dict[str, str], out: Path) -> dict:
+    """One main_train.py run; its log's rows, the encoder's weights and the wall time of the last epoch."""
+    cmd = launcher + [str(common.REPO / 'main_train.py'), *flags, f'--ckpt_dir={out}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if proc.returncode:
+        raise SystemExit(f'failed: {" ".join(cmd)}\n{proc.stderr[-2000:]}')
+    folder = next(p for p in out.iterdir() if p.is_dir())
+    rows = list(csv.DictReader(next(folder.glob('*_log.csv')).open()))
+    weights = torch.load(next(folder.glob('*_enchier.pkl')), map_location='cpu', weights_only=True)
+    return {'rows': rows, 'weights': weights}
+
+
+def relative_difference(a: dict, b: dict) -> tuple[float, str]:
+    """The largest over the tensors of |a - b| / |b| (Frobenius norms), and that tensor's name."""
+    return max((((a[k] - b[k]).norm() / b[k].norm()).item(), k) for k in a)
+
+
+def processes_table(args) -> None:
+    n_train = class_images(args)[1]
+    steps = -(-n_train * args.repeat // args.batch_size)
+    flags = [f'--obj={args.obj}', f'--data_root={args.data_root}', f'--resize={args.resize}',
+             f'--epochs={args.epochs}', f'--repeat={args.repeat}', f'--batch_size={args.batch_size}', '--seed=0']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone']
+    # The 1-thread process shows how far float summation order alone moves the weights (its convolutions
+    # add up in another order), the yardstick for the ranks' difference.
+    configs = [('CPU, 1 process', [sys.executable], ['--device=cpu'], {}),
+               ('CPU, 1 process, OMP_NUM_THREADS=1', [sys.executable], ['--device=cpu'], {'OMP_NUM_THREADS': '1'}),
+               ('CPU, torchrun 1 gloo rank', torchrun + ['--nproc_per_node=1'], ['--device=cpu'], {}),
+               ('CPU, torchrun 2 gloo ranks', torchrun + ['--nproc_per_node=2'], ['--device=cpu'], {})]
+    if torch.cuda.is_available():
+        configs += [('1 GPU', [sys.executable], ['--device=cuda'], {}),
+                    ('1 GPU, --amp', [sys.executable], ['--device=cuda', '--amp'], {})]
+        if torch.cuda.device_count() > 1:
+            n = torch.cuda.device_count()
+            configs.append((f'{n} GPUs, torchrun, --amp', torchrun + [f'--nproc_per_node={n}'],
+                            ['--device=cuda', '--amp'], {}))
+    print(f'main_train.py, {args.obj} ({n_train} images) x repeat {args.repeat}: {steps} steps of {args.batch_size} '
+          f'pairs of each kind per epoch, {args.epochs} epochs, the last timed; {os.cpu_count()} CPU cores'
+          + (f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ', no GPU'))
+    print('| run | s/step | steps/s | pairs/s | epoch-1 mean loss | largest relative weight difference |')
+    print('|---|---|---|---|---|---|')
+    first: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, launcher, extra, env) in enumerate(configs):
+            result = train_run(launcher, flags + extra, env, Path(tmp) / str(i))
+            seconds = float(result['rows'][-1]['seconds'])
+            kind = 'cpu' if name.startswith('CPU') else 'gpu'
+            base = first.setdefault(kind, result)
+            diff, where = relative_difference(result['weights'], base['weights'])
+            print(f'| {name} | {seconds / steps:.4f} | {steps / seconds:.2f} | {4 * args.batch_size * steps / seconds:.0f} '
+                  f'| {float(result["rows"][0]["total"]):.6f} | {"(reference)" if result is base else f"{diff:.1e} ({where})" if diff else "0 (bit for bit)"} |',
+                  flush=True)
+    print()
+
+
+def main() -> None:
+    parser = common.class_parser(__doc__)
+    parser.add_argument('--tables', default='iteration,loader,processes')
+    parser.add_argument('--batch_size', type=int, default=64)
+    parser.add_argument('--steps', type=int, default=8, help='iteration table: steps timed')
+    parser.add_argument('--device', default='cpu', help='iteration table: device')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--repeats', type=int, default=3, help='iteration table: alternating runs of each; the median')
+    parser.add_argument('--workers', type=lambda t: [int(v) for v in t.split(',')], default=[0, 1, 2],
+                        help='loader table: worker counts (comma list)')
+    parser.add_argument('--loader_batches', type=int, default=20, help='loader table: batches timed')
+    parser.add_argument('--repeat', type=int, default=2, help='processes table: visits of each image per epoch')
+    parser.add_argument('--epochs', type=int, default=2, help='processes table: epochs (the last is timed)')
+    args = parser.parse_args()
+    tables = args.tables.split(',')
+    if 'iteration' in tables:
+        iteration_table(args)
+    if 'loader' in tables:
+        loader_table(args)
+    if 'processes' in tables:
+        processes_table(args)
 
 
 if __name__ == '__main__':

@@ -45,6 +45,14 @@ def test_same_seed_same_run(straight, synthetic_root, tmp_path):
     assert not torch.equal(weights(train(other))['conv2.weight'], weights(path)['conv2.weight'])
 
 
+def test_loader_workers_change_nothing(straight, synthetic_root, tmp_path):
+    """One loader spans the run: worker processes make each epoch's items from (seed, epoch, index) alike."""
+    cfg, path = straight
+    workers = TrainConfig(data_root=synthetic_root, ckpt_dir=tmp_path, **{**TINY, 'num_workers': 2})
+    assert_same_weights(train(workers), path)
+    assert losses(workers.path('log.csv')) == losses(cfg.path('log.csv'))
+
+
 def test_stopped_mid_epoch_then_resumed_equals_straight(straight, synthetic_root, tmp_path):
     cfg, path = straight
     stopped = TrainConfig(data_root=synthetic_root, ckpt_dir=tmp_path, **TINY)
