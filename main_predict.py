@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
     paths = prediction.find_inputs(args.input)
     out_dir = Path(args.out_dir).expanduser()
     check_writable(out_dir, 'output')
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> None:
         args = argparse.Namespace(**{**vars(args), 'D': args.D or 64, 'nn': args.nn or 'ngt'})
         model = export.build_model(args, outputs=((out_dir, 'output'),))
     nn = args.nn or model.nn
+    loaded = time.perf_counter()
     if cache_dir is not None and nn == 'ngt':
         check_writable(cache_dir, 'cache')
     with prediction.open_search(model, nn, cache_dir) as search:
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> None:
         writer = prediction_outputs.PredictionWriter(out_dir, model.thresholds, prediction_outputs.output_names(paths),
                                                      not args.no_pictures, args.save_maps, args.save_masks)
         failed = 0
+        looped = time.perf_counter()
         with tqdm(total=len(paths), desc='predict', unit='img', disable=None) as bar:
             for result in prediction.predict(predictor, paths):
                 writer.add(result)
@@ -74,11 +78,14 @@ def run(args: argparse.Namespace) -> None:
                     failed += 1
                     tqdm.write(f'error: {result.error}', file=sys.stderr)
                 bar.update()
+        done = time.perf_counter()
     summary = {'model': {**model.info, 'file': args.model, 'D': model.D, 'resize': model.resize, 'nn': nn},
                'thresholds': model.thresholds.to_dict(),
                'decision_rule': 'anomalous when score >= thresholds.image; a pixel is anomalous when its map '
                                 'value >= thresholds.pixel',
-               'n_images': len(paths), 'n_failed': failed}
+               'n_images': len(paths), 'n_failed': failed,
+               'times_s': {'model': round(loaded - started, 3), 'search_setup': round(looped - loaded, 3),
+                           'predict': round(done - looped, 3)}}
     written = writer.finish(summary)
     n_anomalous = sum(r['decision'] == 'anomalous' for r in writer.rows)
     print(f'{len(paths) - failed} images predicted: {n_anomalous} anomalous (score >= {model.thresholds.image:.6g}), '
