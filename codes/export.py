@@ -88,4 +88,5 @@ def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] 
             'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
             'export_seconds': round(time.perf_counter() - started, 1)}
     encoder = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in enc.state_dict().items()}
-    return Model(args.D, args.resize, args.nn, encoder, bank.mean, bank.emb64, bank.emb32, thresholds, info)
+    return Model(args.D, args.resize, args.nn, encoder, bank.mean, bank.emb64, bank.emb32, thresholds, info,
+                 ngt32=bank.ngt32)

@@ -48,6 +48,7 @@ class Model:
     thresholds: Thresholds
     info: dict = field(default_factory=dict)  # obj, checkpoint, checkpoint_sha256, counts, export settings
     index: dict[str, np.ndarray] = field(default_factory=dict)   # search index arrays (none yet)
+    ngt32: Path | None = None                 # a K=32 NGT index already on disk for this bank (not stored)
 
     def encoder_module(self, device: torch.device | str = 'cpu') -> EncoderHier:
         enc = EncoderHier(64, self.D)

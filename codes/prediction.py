@@ -83,12 +83,15 @@ class SearchBank:
 
 @contextlib.contextmanager
 def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[SearchBank]:
-    """The model's bank ready to search with `nn`. An NGT index is built once: under
-    <cache_dir>/models/<bank id>/ngt32 to be reused by later runs, or in a temporary folder with no cache."""
+    """The model's bank ready to search with `nn`. An NGT index is built once (by the first search): under
+    <cache_dir>/models/<bank id>/ngt32 to be reused by later runs, or in a temporary folder with no cache;
+    a model built from the memory bank cache uses the index kept there."""
     search_methods(nn)
     with contextlib.ExitStack() as stack:
         ngt32 = None
-        if nn == 'ngt':
+        if nn == 'ngt' and model.ngt32 is not None:     # built beside the memory bank's cache entry
+            ngt32 = model.ngt32
+        elif nn == 'ngt':
             if cache_dir is not None and model.bank_id:
                 folder = cache_dir / 'models' / model.bank_id
                 make_dir(folder, 'cache')
@@ -101,7 +104,7 @@ def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[Searc
 class Predictor:
     """Scores batches of 256x256 uint8 images with an encoder and a memory bank."""
 
-    def __init__(self, enc: EncoderHier, search: SearchBank, thresholds: Thresholds, resize_filter: str,
+    def __init__(self, enc: EncoderHier, search: SearchBank, thresholds: Thresholds | None, resize_filter: str,
                  device: torch.device | str = 'cpu', batch_size: int = 8):
         self.enc, self.search, self.thresholds = enc.eval(), search, thresholds
         self.resize, self.device, self.batch_size = resize_filter, torch.device(device), batch_size

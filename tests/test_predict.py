@@ -26,9 +26,6 @@ from codes.networks import EncoderHier
 from codes.prediction import Predictor, SearchBank
 from codes.thresholds import min_max_normalize
 
-MODEL_ERRORS = 'write it again with main_export.py'
-
-
 def exits(main, argv, capsys, code: int) -> tuple[str, str]:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -66,33 +63,33 @@ def test_model_file_holds_everything_and_loads_without_pickle(exported):
     with safe_open(str(exported['model']), 'np') as f:      # any safetensors reader: no code runs
         meta = json.loads(f.metadata()['patchsvdd'])
         names = set(f.keys())
-        emb32 = f.get_tensor('emb32')
     assert meta['format'] == 'patchsvdd-model' and meta['format_version'] == 1
     assert (meta['D'], meta['resize'], meta['nn']) == (64, 'nearest', 'exact')
     assert meta['info']['checkpoint_sha256'] == file_sha256(exported['ckpt'])
     assert {'mean', 'emb64', 'emb32', 'encoder.enc.conv1.weight', 'encoder.conv2.bias'} <= names
-    # the bank is the training images' embeddings, computed here independently of the export
-    files = find_class(exported['root'], 'synthetic')
-    enc = load_encoder(exported['ckpt'], 64)
-    bank = build_bank(enc, load_images(files.train, 'nearest', 'train'), 'cpu')
-    assert np.allclose(emb32, bank.emb32, atol=1e-6) and emb32.shape == (6, 57, 57, 64)
     t = meta['thresholds']
     assert t['image_source'] == 'f1' and t['pixel_source'] == 'f1'   # the class has defects and masks
 
 
-def test_round_trip_gives_the_same_scores(exported):
-    args = main_export.parse_args(exported['argv'])
-    built = export.build_model(args)
+def test_round_trip_gives_the_same_scores(exported, tmp_path):
+    """The file's bank and encoder give the scores that the checkpoint and images give directly, and a
+    model saved again from a loaded one is the same model."""
     loaded = model_file.load_model(exported['model'])
-    assert loaded.thresholds == built.thresholds
+    files = find_class(exported['root'], 'synthetic')
+    enc = load_encoder(exported['ckpt'], 64)
+    bank = build_bank(enc, load_images(files.train, 'nearest', 'train'), 'cpu')     # independently of the export
     for name in ('mean', 'emb64', 'emb32'):
-        assert np.array_equal(getattr(loaded, name), getattr(built, name))
-    data = load_class(find_class(exported['root'], 'synthetic'), 'nearest', train=False)
-    maps = []
-    for m in (built, loaded):
-        search = SearchBank.from_arrays(m.mean, m.emb64, m.emb32, m.nn)
-        maps.append(Predictor(m.encoder_module(), search, m.thresholds, m.resize).maps(data.test))
-    assert np.array_equal(maps[0], maps[1])
+        assert np.allclose(getattr(loaded, name), getattr(bank, name), atol=1e-6)
+    test = load_class(files, 'nearest', train=False).test
+    direct = Predictor(enc, SearchBank.from_arrays(bank.mean, bank.emb64, bank.emb32, 'exact'), None, 'nearest').maps(test)
+    search = SearchBank.from_arrays(loaded.mean, loaded.emb64, loaded.emb32, loaded.nn)
+    from_file = Predictor(loaded.encoder_module(), search, loaded.thresholds, loaded.resize).maps(test)
+    assert np.allclose(from_file, direct, rtol=1e-5, atol=0)
+    model_file.save_model(loaded, tmp_path / 'again.safetensors')
+    again = model_file.load_model(tmp_path / 'again.safetensors')
+    assert again.thresholds == loaded.thresholds and again.info == loaded.info and again.nn == loaded.nn
+    assert all(np.array_equal(again.encoder[k], v) for k, v in loaded.encoder.items())
+    assert all(np.array_equal(getattr(again, n), getattr(loaded, n)) for n in ('mean', 'emb64', 'emb32'))
 
 
 def test_predict_with_model_writes_rows_maps_masks_pictures_and_index(exported, tmp_path, capsys, monkeypatch):
@@ -148,6 +145,26 @@ def test_predict_agrees_with_predictor_and_formats(exported, tmp_path, capsys):
     row = read_csv(tmp_path / 'tiff' / 'predictions.csv')[0]
     assert float(row['score']) == pytest.approx(float(raw.max()), rel=1e-6)
     assert not (tmp_path / 'tiff' / 'pictures').exists()
+
+
+def test_ngt_index_is_built_once_into_the_cache_and_reused(exported, tmp_path, capsys):
+    """--nn ngt: the index goes to <cache_dir>/models/<bank id>/ngt32 and later runs open it; NGT is
+    approximate (very much so on this random encoder's near-identical codes), so its scores are never below
+    exact search's."""
+    test_dir = exported['root'] / 'synthetic' / 'test'
+    common = ['--model', str(exported['model']), '--input', str(test_dir), '--no_pictures']
+    predict_ok(common + [f'--out_dir={tmp_path / "exact"}', '--no_cache'], capsys)
+    predict_ok(common + [f'--out_dir={tmp_path / "ngt"}', '--nn=ngt', f'--cache_dir={tmp_path / "cache"}'], capsys)
+    index = tmp_path / 'cache' / 'models' / model_file.load_model(exported['model']).bank_id / 'ngt32'
+    assert index.is_dir()
+    stamp = {p.name: p.stat().st_mtime_ns for p in index.iterdir()}
+    predict_ok(common + [f'--out_dir={tmp_path / "ngt2"}', '--nn=ngt', f'--cache_dir={tmp_path / "cache"}'], capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in index.iterdir()} == stamp      # reused, not rebuilt
+    exact = [float(r['score']) for r in read_csv(tmp_path / 'exact' / 'predictions.csv')]
+    for run in ('ngt', 'ngt2'):
+        ngt = [float(r['score']) for r in read_csv(tmp_path / run / 'predictions.csv')]
+        assert all(n >= e * (1 - 1e-6) for n, e in zip(ngt, exact))
+    assert json.loads((tmp_path / 'ngt' / 'predictions.json').read_text())['model']['nn'] == 'ngt'
 
 
 def png_of_zero_pixels() -> bytes:
