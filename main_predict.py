@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--no_pictures', action='store_true', help='no heat-map pictures (faster)')
     cli.add_data_args(parser)
     cli.add_checkpoint_args(parser)
-    cli.add_search_args(parser)
+    # Larger batches than evaluation's: a search call has a fixed cost (opening an index) to spread.
+    cli.add_search_args(parser, batch_size=32, batch_help='images read, embedded and searched together')
     cli.add_threshold_args(parser)
     cli.add_run_args(parser)
     # With --model, its D and search apply unless these are given; None tells them apart.

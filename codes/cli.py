@@ -84,11 +84,12 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                              'without it: <ckpt_dir>/<obj>/enchier.pkl (the authors\' name)')
 
 
-def add_search_args(parser: argparse.ArgumentParser) -> None:
+def add_search_args(parser: argparse.ArgumentParser, batch_size: int = 8,
+                    batch_help: str = 'images per encoder pass') -> None:
     parser.add_argument('--nn', choices=METHODS, default='ngt',
                         help='nearest-neighbour search: ngt = exact at K=64 and NGT at K=32, as the original '
                              '(default); exact = exact at both; faiss = faiss flat index at both (needs faiss-cpu)')
-    parser.add_argument('--batch_size', type=positive_int, default=8, help='images per encoder pass (default 8)')
+    parser.add_argument('--batch_size', type=positive_int, default=batch_size, help=f'{batch_help} (default {batch_size})')
     parser.add_argument('--cache_dir', default=None,
                         help=f'memory bank cache (default {default_cache_dir()}, or $XDG_CACHE_HOME/patchsvdd)')
     parser.add_argument('--no_cache', action='store_true', help='compute the memory bank afresh and keep nothing')

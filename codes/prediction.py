@@ -101,8 +101,12 @@ def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[Searc
         yield SearchBank.from_arrays(model.mean, model.emb64, model.emb32, nn, ngt32, model.index)
 
 
+ENCODER_BATCH = 8   # images per encoder pass, evaluation's default; a search batch may hold several passes
+
+
 class Predictor:
-    """Scores batches of 256x256 uint8 images with an encoder and a memory bank."""
+    """Scores batches of 256x256 uint8 images with an encoder and a memory bank; `batch_size` images
+    are read together and searched with one call per K."""
 
     def __init__(self, enc: EncoderHier, search: SearchBank, thresholds: Thresholds | None, resize_filter: str,
                  device: torch.device | str = 'cpu', batch_size: int = 8):
@@ -111,7 +115,8 @@ class Predictor:
 
     def maps(self, images: np.ndarray) -> np.ndarray:
         """The `mult` maps (n,256,256) float64: one embedding pass and one search per K for the batch."""
-        q64, q32 = embed_images(self.enc, images, self.search.mean, self.device, self.batch_size, desc='embed')
+        q64, q32 = embed_images(self.enc, images, self.search.mean, self.device, min(self.batch_size, ENCODER_BATCH),
+                                desc='embed')
         s64, s32 = self.search.distances(q64, q32, self.device)
         return score_maps(s64, s32)['mult']
 
