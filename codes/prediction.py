@@ -179,6 +179,8 @@ def _read_batch(pool: ThreadPoolExecutor, paths: list[Path], resize_filter: str)
             return read_input(p, resize_filter)
         except UserError as e:
             return str(e)
+        except Exception as e:   # whatever a decoder raises on a hostile file (e.g. a decompression bomb): skip it
+            return f'cannot read image {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
     return list(pool.map(one, paths))
 
 
