@@ -12,6 +12,7 @@ search untouched; none are written yet (today's indices are rebuilt on load or c
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,11 @@ def save_model(model: Model, path: Path) -> None:
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'D': model.D, 'resize': model.resize, 'nn': model.nn,
             'thresholds': model.thresholds.to_dict(), 'info': {**model.info, 'bank_id': bank_crcs}, 'crc32': crcs}
     blob = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)})
+    umask = os.umask(0)
+    os.umask(umask)
     with atomic_open(path, 'wb') as f:
         f.write(blob)
+        os.fchmod(f.fileno(), 0o666 & ~umask)    # a file to share: the umask's mode, not the temp file's 0600
     model.info['bank_id'] = bank_crcs
 
 
