@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -81,6 +81,8 @@ class CellIndex:
     rows: np.ndarray          # (n,) int64: bank row of each sorted position (the first copy of duplicates)
     starts: np.ndarray        # (k + 1,) int64: cell c holds sorted positions starts[c]:starts[c+1]
     n_bank: int               # rows of the bank it was built from
+    centred: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # ^ the sorted rows minus their centroid (float32) and their squared norms, made on first search
 
     # ---- building
     @classmethod
@@ -256,7 +258,9 @@ class _Search:
         self.best_err = np.zeros(n, np.float32)         # float32 error bound of `best`
         self.max_err = np.zeros(n, np.float32)          # largest error bound of any row scanned for the query
         self.best_pos = np.full(n, -1, np.int64)        # sorted position of the best row
-        self.rows, self.row_norms = self._centred_rows()
+        if index.centred is None:
+            index.centred = self._centred_rows()
+        self.rows, self.row_norms = index.centred
         self.radius = torch.from_numpy(index.radius).float()
         self.between = torch.cdist(torch.from_numpy(index.centroids), torch.from_numpy(index.centroids)).float()
         self.margin = self.gamma * (4 * torch.from_numpy(index.radius) ** 2

@@ -52,6 +52,14 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, 0, strict=False)
 
 
+def fraction(text: str) -> float:
+    """A number from 0 to 1."""
+    value = _number(text, float, 0, strict=False)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f'must be at most 1, not {text}')
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser, obj_help: str = 'class name, e.g. bottle') -> None:
     parser.add_argument('--obj', default='bottle', help=obj_help)
     parser.add_argument('--data_root', default=None,
@@ -76,15 +84,30 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                              'without it: <ckpt_dir>/<obj>/enchier.pkl (the authors\' name)')
 
 
-def add_search_args(parser: argparse.ArgumentParser) -> None:
+def add_search_args(parser: argparse.ArgumentParser, batch_size: int = 8,
+                    batch_help: str = 'images per encoder pass') -> None:
     parser.add_argument('--nn', choices=METHODS, default='exact',
                         help='nearest-neighbour search: exact = exact and deterministic at both K (default; pruned '
                              'k-means cells on the CPU, brute force on a GPU); ngt = exact at K=64 and NGT at K=32, '
                              "as the original (the paper's figures); brute = blockwise float64 brute force (slow)")
-    parser.add_argument('--batch_size', type=positive_int, default=8, help='images per encoder pass (default 8)')
+    parser.add_argument('--batch_size', type=positive_int, default=batch_size, help=f'{batch_help} (default {batch_size})')
     parser.add_argument('--cache_dir', default=None,
                         help=f'memory bank cache (default {default_cache_dir()}, or $XDG_CACHE_HOME/patchsvdd)')
     parser.add_argument('--no_cache', action='store_true', help='compute the memory bank afresh and keep nothing')
+
+
+def add_threshold_args(parser: argparse.ArgumentParser) -> None:
+    """How a model's decision thresholds are chosen (main_export.py, and main_predict.py without --model)."""
+    parser.add_argument('--threshold_from', choices=('normal', 'f1'), default=None,
+                        help='normal: a quantile of the training images\' leave-one-out scores; f1: the F1-max '
+                             'threshold on the labelled test images (and masks, for pixels). Default: f1 when the '
+                             'class has defective test images, else normal')
+    parser.add_argument('--normal_quantile', type=fraction, default=1.0,
+                        help='quantile of the training images\' leave-one-out scores for the normal threshold '
+                             '(default 1.0: their maximum)')
+    parser.add_argument('--normal_images', type=positive_int, default=None,
+                        help='score only this many training images (evenly spaced) leave-one-out, to bound the '
+                             'cost on large classes (default: all)')
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

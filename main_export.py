@@ -1,0 +1,46 @@
+"""Export a portable model file for prediction: `python main_export.py --obj=bottle --out=bottle.safetensors`.
+
+From a class's checkpoint and its images (the same flags as main_evaluate.py) it writes one file with
+the encoder, the memory bank, the decision thresholds and the normalisation; main_predict.py --model
+then needs nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from codes import cli, export, model_file, thresholds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = cli.ArgumentParser(prog='main_export.py', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', required=True, help='the model file to write, e.g. bottle.safetensors')
+    cli.add_data_args(parser)
+    cli.add_checkpoint_args(parser)
+    cli.add_search_args(parser)
+    cli.add_threshold_args(parser)
+    cli.add_run_args(parser)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out).expanduser()
+    model_file.check_output(out)
+    model = export.build_model(args, outputs=((out.parent, 'model'),))
+    model_file.save_model(model, out)
+    info = model.info
+    print(f'{info["obj"]}: {info["n_train"]} training images ({info["n_normal_scored"]} scored leave-one-out), '
+          f'{info["n_test"]} test images ({info["n_defective"]} defective{", with masks" if info["has_masks"] else ""}), '
+          f'search {model.nn}')
+    print(thresholds.describe(model.thresholds))
+    print(f'model written to {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, {info["export_seconds"]:.0f} s)')
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cli.run(lambda: run(args), args.debug)
+
+
+if __name__ == '__main__':
+    main()
