@@ -33,6 +33,9 @@ def gamma(D: int) -> float:
 
 
 ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float64 temporaries)
+# Beyond this many (query, cell) pairs the cells do not prune (codes nearly constant, a barely trained
+# encoder): the search gives up rather than run out of memory, and the caller falls back to brute force.
+MAX_PAIRS = 20_000_000
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
 
 
@@ -229,6 +232,10 @@ def assign(bank: np.ndarray, keep: np.ndarray, centroids: np.ndarray, pmap=map) 
         cell[rows] = found
         gap[rows] = np.linalg.norm(centroids[found] - centroids[a], axis=1)
     return cell, gap
+
+
+class CellsDoNotPrune(RuntimeError):
+    """The bounds leave too many cells to scan for this bank: brute force is the better search."""
 
 
 class _Search:

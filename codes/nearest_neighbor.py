@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cell_index import CellIndex
+from .cell_index import CellIndex, CellsDoNotPrune
 from .embeddings import iter_batches
 from .errors import UserError
 
@@ -103,7 +103,11 @@ class ExactSearch:
             # the cached index merged equal rows of different groups: leave-one-out needs them apart
             return ExactSearch(self.device).fit(self.bank, bank_groups).nearest_ids(queries, query_groups,
                                                                                     bank_groups, desc)
-        return self.index.search(self.bank, queries, query_groups, bank_groups)
+        try:
+            return self.index.search(self.bank, queries, query_groups, bank_groups)
+        except CellsDoNotPrune:
+            # e.g. a barely trained encoder's nearly constant codes: exact all the same, by brute force
+            return BruteForceSearch(self.device).fit(self.bank).nearest_ids(queries, query_groups, bank_groups, desc)
 
     def arrays(self) -> dict[str, np.ndarray] | None:
         """The index's arrays, for caching beside the bank (None on a GPU, where no index is needed)."""
