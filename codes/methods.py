@@ -84,6 +84,8 @@ class MethodResult:
     metrics: dict[str, float | None]
     state_source: str                      # 'cached', 'built', 'rebuilt'
     n_train: int
+    method_resize: str                     # the PIL filter the images were resized with
+    settings: dict                         # the method's settings (its cache key's)
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,7 +152,8 @@ def run_method(args: argparse.Namespace, files: ClassFiles, device: torch.device
     clock.lap('metrics')
     times = {**clock.times, **{f'fit_{k}': v for k, v in getattr(method, 'times', {}).items()}}
     scores = image_scores if image_scores is not None else metrics.image_scores(maps)
-    return MethodResult(method.name, maps, scores, result_metrics, source, len(train), times), data, backbone
+    return (MethodResult(method.name, maps, scores, result_metrics, source, len(train), method.resize_filter,
+                         method.settings(), times), data, backbone)
 
 
 def result_line(method: str, m: dict[str, float | None], obj: str) -> str:
