@@ -18,7 +18,8 @@ import torch
 # Working-memory budget (bytes) for one chunk of OMP's per-signal state (the (K, s) table of
 # correlations of the orthogonalised atoms). Small enough to stay near the CPU caches, large
 # enough that Python overhead per chunk is amortised.
-OMP_CHUNK_BYTES = 8 * 2**20
+OMP_CHUNK_BYTES = 4 * 2**20
+OMP_MIN_BLOCK = 512
 # Same idea for K-SVD's per-chunk working set (signals, codes, residual of a group of positions).
 KSVD_CHUNK_BYTES = 8 * 2**20
 
@@ -90,7 +91,7 @@ def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> tor
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
     for t in range(n_nonzero):
-        j = alpha.abs().gather(1, order).argmax(dim=1, keepdim=True)
+        j = alpha.gather(1, order).abs_().argmax(dim=1, keepdim=True)
         lam = order.gather(1, j).squeeze(1)
         j = j.squeeze(1)
         alpha_lam = alpha.gather(1, lam.unsqueeze(1)).squeeze(1)
@@ -124,7 +125,8 @@ def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> tor
         order.scatter_(1, j.unsqueeze(1), torch.where(active, o_t, o_j).unsqueeze(1))
         order[:, t] = torch.where(active, o_j, o_t)
         if t + 1 < n_nonzero:
-            alpha = xy_flat - torch.bmm(codes.view(p, m, k), gram).view(b, k)  # G symmetric
+            # G is symmetric: (G gamma)^T = gamma^T G
+            alpha = torch.baddbmm(xy, codes.view(p, m, k), gram, alpha=-1.0).view(b, k)
     return codes.view(p, m, k)
 
 
@@ -152,7 +154,9 @@ def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torc
     # Blocks of (positions x signals) sized to the memory budget: whole positions when they fit
     # (the alpha update is then one product per position), else slices of one position's signals.
     per_signal = (n_nonzero * n_nonzero + 4 * k) * torch.finfo(dtype).bits // 8
-    signals_per_block = max(1, OMP_CHUNK_BYTES // per_signal)
+    # at least one whole position (or OMP_MIN_BLOCK signals) per block, however large s is, so that
+    # the Python-level step loop stays short
+    signals_per_block = max(OMP_MIN_BLOCK, OMP_CHUNK_BYTES // per_signal)
     block_n = min(num, signals_per_block)
     block_p = max(1, signals_per_block // max(num, 1)) if block_n == num else 1
     codes = torch.empty(p, num, k, dtype=dtype, device=dic.device)
@@ -182,8 +186,8 @@ def _ksvd_sweep(dic: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor) 
         if not bool(any_used.any()):
             continue
         d_old = dic[:, :, k]  # (P, n)
-        # E g = R x + d_k (x . x)
-        eg = torch.bmm(residual, x.unsqueeze(2)).squeeze(2) + d_old * (x * x).sum(dim=1, keepdim=True)
+        # E g = R x + d_k (x . x)  (multiply-and-sum beats a batched matrix-vector product here)
+        eg = (residual * x.unsqueeze(1)).sum(dim=2) + d_old * (x * x).sum(dim=1, keepdim=True)
         d_new = eg / torch.linalg.vector_norm(eg, dim=1, keepdim=True)
         # g' = E^T d on omega: R^T d + x (d_k . d)
         g_new = torch.bmm(d_new.unsqueeze(1), residual).squeeze(1) + x * (d_old * d_new).sum(dim=1, keepdim=True)
@@ -193,7 +197,8 @@ def _ksvd_sweep(dic: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor) 
         if bool(keep.any()):
             d_new = torch.where(keep.unsqueeze(1), d_old, d_new)
         # R <- R + d_k x_k - d g'
-        residual.baddbmm_(torch.stack((d_old, -d_new), dim=2), torch.stack((x, g_new), dim=1))
+        residual.addcmul_(d_old.unsqueeze(2), x.unsqueeze(1))
+        residual.addcmul_(d_new.unsqueeze(2), g_new.unsqueeze(1), value=-1.0)
         dic[:, :, k] = d_new
         codes[:, k, :] = g_new
 
