@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # Working-memory budget (bytes) for one chunk of OMP's per-signal state (the (K, s) table of
 # correlations of the orthogonalised atoms). Small enough to stay near the CPU caches, large
@@ -135,11 +136,17 @@ def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torc
     with precompute=True / Gram, tol=None), batched over a leading batch dimension:
     dictionary (P, n, K), signals (P, n, N) -> codes (P, K, N). Also accepts unbatched (n, K), (n, N) -> (K, N).
     Atoms are assumed unit-norm (as sklearn assumes). Early stop per signal exactly where sklearn's stops
-    (negligible correlation, dependent atom)."""
+    (negligible correlation, dependent atom).
+
+    A (1, n, K) dictionary is shared by all P positions. Works in the promoted dtype of the inputs
+    (float64 for the sklearn-exact results; float32 is accepted, with float32's eps in the stopping
+    rules as sklearn would use)."""
     dic, batched = _as_batched(dictionary, 'dictionary')
     sig, batched_s = _as_batched(signals, 'signals')
     if batched != batched_s:
         raise ValueError('dictionary and signals must both be batched or both unbatched')
+    if dic.shape[0] == 1 and sig.shape[0] > 1:
+        dic = dic.expand(sig.shape[0], -1, -1)  # one dictionary for every position
     p, n, k = dic.shape
     if sig.shape[0] != p or sig.shape[1] != n:
         raise ValueError(f'signals {tuple(sig.shape)} do not match dictionary {tuple(dic.shape)}')
@@ -222,26 +229,17 @@ def approximate_ksvd(signals: torch.Tensor, init: torch.Tensor, n_nonzero: int, 
     dic = dic.to(dtype).clone().contiguous()
     p, n, num = sig.shape
     k = dic.shape[2]
-    codes = torch.empty(p, k, num, dtype=dtype, device=sig.device)
-    bar = None
-    if progress:
-        from tqdm import tqdm  # optional dependency, only for the progress bar
-        bar = tqdm(total=iterations, desc='K-SVD')
-    for _ in range(iterations):
+    per_position = (2 * n * num + k * num + n * k) * torch.finfo(dtype).bits // 8
+    group = max(1, KSVD_CHUNK_BYTES // per_position)
+    for _ in tqdm(range(iterations), desc='K-SVD', unit='it', leave=False, disable=not progress):
         codes = omp(dic, sig, n_nonzero)
         # the update step is independent per position: run it on cache-sized groups of positions
-        per_position = (2 * n * num + k * num + n * k) * torch.finfo(dtype).bits // 8
-        group = max(1, KSVD_CHUNK_BYTES // per_position)
         for start in range(0, p, group):
             sl = slice(start, min(start + group, p))
-            d_g = dic[sl]
+            d_g = dic[sl]  # views: the sweep updates dic and codes in place
             x_g = codes[sl]
             residual = sig[sl] - torch.bmm(d_g, x_g)
             _ksvd_sweep(d_g, x_g, residual)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     if not batched:
         return dic[0], codes[0]
     return dic, codes
