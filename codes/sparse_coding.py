@@ -14,11 +14,13 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # Working-memory budget (bytes) for one chunk of OMP's per-signal state (the (K, s) table of
 # correlations of the orthogonalised atoms). Small enough to stay near the CPU caches, large
 # enough that Python overhead per chunk is amortised.
-OMP_CHUNK_BYTES = 24 * 2**20
+OMP_CHUNK_BYTES = 4 * 2**20
+OMP_MIN_BLOCK = 512
 # Same idea for K-SVD's per-chunk working set (signals, codes, residual of a group of positions).
 KSVD_CHUNK_BYTES = 8 * 2**20
 
@@ -53,81 +55,80 @@ def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _omp_gram_flat(gram: torch.Tensor, xy: torch.Tensor, pos: torch.Tensor, n_nonzero: int) -> torch.Tensor:
-    """Gram OMP for a flat batch of signals, each with its own position's Gram matrix.
+def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> torch.Tensor:
+    """Gram OMP for a block of signals grouped by position: gram (p, K, K), xy (p, m, K) = (D_p^T y)^T
+    for m signals at each of p positions -> codes (p, m, K).
 
-    gram (P, K, K), xy (B, K) = D_p^T y for each signal, pos (B,) its position -> codes (B, K).
-
-    This is sklearn's ``_gram_omp`` (tol=None) step for step, written as a pivoted Cholesky of the
-    Gram matrix: with L the Cholesky factor of G[S, S] and Q = D_S L^-T the orthonormalised chosen
-    atoms, V = Q^T D (t, K) holds each orthonormal direction's correlation with every atom. Then
-    sklearn's triangular solve L^-1 G[S, lam] is just the column V[:, lam], its residual
-    correlations alpha = D^T (y - Q Q^T y) are updated by one rank-1 term per step, and the
-    coefficients are one triangular solve L^T gamma = Q^T y at the end. Same selections, same
-    stopping rules, O(K t) work per signal and step like sklearn's ``Gram[:, :n_active] @ gamma``.
+    This is sklearn's ``_gram_omp`` (tol=None) step for step, for every signal at once: argmax of
+    |alpha| over the atoms (ties and the "already chosen" test in sklearn's swapped order), the new
+    Cholesky row w = L^-1 G[S, lam] and diagonal G[lam, lam] - |w|^2, the same early stops, then
+    gamma = (L L^T)^-1 D_S^T y and alpha = D^T y - G gamma. Two reformulations make it batched:
+    - C = L^-T is kept instead of L, so w = C^T G[S, lam] and the coefficients grow by one rank-1
+      term per step (gamma_t = gamma_{t-1} + z_t c_t with c_t the new column of C and
+      z_t = alpha[lam] / L[t, t]) instead of a triangular solve per signal;
+    - alpha = D^T y - G gamma is one batched matrix product per position (codes are dense, zero
+      off the support), which runs at matrix-multiply speed instead of as per-signal gathers.
+    The per-signal t x t arrays are laid out (t, t, signals) so that their products vectorise over
+    the signals.
     """
-    b, k = xy.shape
+    p, m, k = xy.shape
+    b = p * m
     dtype = xy.dtype
     device = xy.device
     eps = torch.finfo(dtype).eps  # sklearn: min_float = np.finfo(Gram.dtype).eps
-    gram_rows = gram.reshape(-1, k)  # row pos*K + lam is G_pos[lam, :]
-    gram_diag = torch.diagonal(gram, dim1=1, dim2=2).reshape(-1)
-    base = pos * k
+    gram_flat = gram.reshape(-1)
+    # flat offset of G_pos[lam, 0] is (pos * K + lam) * K
+    row_base = (torch.arange(p, device=device) * k).repeat_interleave(m)
+    diag_flat = torch.diagonal(gram, dim1=1, dim2=2).reshape(-1)
 
-    alpha = xy.clone()
-    # sklearn swaps the chosen atom to the front of its arrays; argmax breaks ties by the swapped
-    # order, and "the argmax is an already chosen atom" is lam < n_active there. Track that order.
-    order = torch.arange(k, device=device).expand(b, k).clone()
-    v = torch.zeros(b, n_nonzero, k, dtype=dtype, device=device)
-    chol = torch.zeros(b, n_nonzero, n_nonzero, dtype=dtype, device=device)
-    qty = torch.zeros(b, n_nonzero, dtype=dtype, device=device)
+    xy_flat = xy.reshape(b, k)
+    alpha = xy_flat
+    # sklearn swaps each chosen atom to the front of its arrays; argmax breaks ties in that swapped
+    # order, and "the argmax is an already chosen atom" is lam < n_active there. Track the order.
+    order = torch.arange(k, device=device).expand(b, k).contiguous()
+    c_inv = torch.zeros(n_nonzero, n_nonzero, b, dtype=dtype, device=device)  # C = L^-T (upper), per signal
     support = torch.zeros(b, n_nonzero, dtype=torch.long, device=device)
+    codes = torch.zeros(b, k, dtype=dtype, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    rows = torch.arange(b, device=device)
 
     for t in range(n_nonzero):
-        swapped = alpha.abs().gather(1, order)
-        j = swapped.argmax(dim=1)
-        lam = order[rows, j]
-        alpha_lam = alpha[rows, lam]
+        j = alpha.gather(1, order).abs_().argmax(dim=1, keepdim=True)
+        lam = order.gather(1, j).squeeze(1)
+        j = j.squeeze(1)
+        alpha_lam = alpha.gather(1, lam.unsqueeze(1)).squeeze(1)
         # sklearn: "selected same atom twice, or inner product too small"
         stop = (j < t) | (alpha_lam * alpha_lam < eps)
-        g_ll = gram_diag[base + lam]
+        row = row_base + lam
+        l_kk = diag_flat[row]  # sklearn takes L[0, 0] = sqrt(G[lam, lam]) without a check
         if t > 0:
-            w = v[rows, :t, lam]  # = L^-1 G[S, lam], sklearn's new Cholesky row
-            l_kk = g_ll - (w * w).sum(dim=1)
+            g = gram_flat[row.unsqueeze(1) * k + support[:, :t]].t()  # G[S, lam], (t, b)
+            c = c_inv[:t, :t]
+            w = (c * g.unsqueeze(1)).sum(dim=0)  # C^T g = L^-1 G[S, lam]
+            l_kk = l_kk - (w * w).sum(dim=0)
             stop |= l_kk <= eps  # sklearn: "selected atoms are dependent"
-        else:
-            l_kk = g_ll  # sklearn takes L[0, 0] = sqrt(G[lam, lam]) without a check
         done |= stop
         active = ~done
         if not bool(active.any()):
             break
         l_diag = torch.sqrt(torch.where(active, l_kk, torch.ones_like(l_kk)))
-        u = gram_rows[base + lam]
-        if t > 0:
-            u = u - torch.bmm(w.unsqueeze(1), v[:, :t, :]).squeeze(1)
-            chol[:, t, :t] = torch.where(active.unsqueeze(1), w, torch.zeros_like(w))
-        u = u / l_diag.unsqueeze(1)
         z = torch.where(active, alpha_lam / l_diag, torch.zeros_like(alpha_lam))
-        alpha -= u * z.unsqueeze(1)
-        v[:, t, :] = u
-        chol[:, t, t] = l_diag
-        qty[:, t] = z
-        support[:, t] = torch.where(active, lam, torch.zeros_like(lam))
-        # swap order[t] and order[j] for the signals that took a step
+        if t > 0:
+            # new column of L^-T: [-C w / l; 1 / l]; zero for signals that stopped (keeps them inert)
+            col = (c * w.unsqueeze(0)).sum(dim=1) / l_diag
+            c_inv[:t, t] = torch.where(active, -col, torch.zeros_like(col))
+        c_inv[t, t] = 1.0 / l_diag
+        support[:, t] = lam
+        # gamma_t = gamma_{t-1} + z_t c_t; stopped signals have z = 0 and add nothing
+        codes.scatter_add_(1, support[:, :t + 1], (c_inv[:t + 1, t] * z).t())
+        # swap order[t] and order[j] for the signals that took the step
         o_t = order[:, t].clone()
-        o_j = order[rows, j]
-        order[rows, j] = torch.where(active, o_t, o_j)
+        o_j = order.gather(1, j.unsqueeze(1)).squeeze(1)
+        order.scatter_(1, j.unsqueeze(1), torch.where(active, o_t, o_j).unsqueeze(1))
         order[:, t] = torch.where(active, o_j, o_t)
-
-    # Steps a signal did not take have an identity row in chol and a zero right-hand side, so their
-    # coefficients come out as exact zeros (scatter-added onto atom 0 harmlessly).
-    chol.diagonal(dim1=1, dim2=2).masked_fill_(chol.diagonal(dim1=1, dim2=2) == 0, 1.0)
-    gamma = torch.linalg.solve_triangular(chol.transpose(1, 2), qty.unsqueeze(2), upper=True).squeeze(2)
-    codes = torch.zeros(b, k, dtype=dtype, device=device)
-    codes.scatter_add_(1, support, gamma)
-    return codes
+        if t + 1 < n_nonzero:
+            # G is symmetric: (G gamma)^T = gamma^T G
+            alpha = torch.baddbmm(xy, codes.view(p, m, k), gram, alpha=-1.0).view(b, k)
+    return codes.view(p, m, k)
 
 
 def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torch.Tensor:
@@ -135,11 +136,17 @@ def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torc
     with precompute=True / Gram, tol=None), batched over a leading batch dimension:
     dictionary (P, n, K), signals (P, n, N) -> codes (P, K, N). Also accepts unbatched (n, K), (n, N) -> (K, N).
     Atoms are assumed unit-norm (as sklearn assumes). Early stop per signal exactly where sklearn's stops
-    (negligible correlation, dependent atom)."""
+    (negligible correlation, dependent atom).
+
+    A (1, n, K) dictionary is shared by all P positions. Works in the promoted dtype of the inputs
+    (float64 for the sklearn-exact results; float32 is accepted, with float32's eps in the stopping
+    rules as sklearn would use)."""
     dic, batched = _as_batched(dictionary, 'dictionary')
     sig, batched_s = _as_batched(signals, 'signals')
     if batched != batched_s:
         raise ValueError('dictionary and signals must both be batched or both unbatched')
+    if dic.shape[0] == 1 and sig.shape[0] > 1:
+        dic = dic.expand(sig.shape[0], -1, -1)  # one dictionary for every position
     p, n, k = dic.shape
     if sig.shape[0] != p or sig.shape[1] != n:
         raise ValueError(f'signals {tuple(sig.shape)} do not match dictionary {tuple(dic.shape)}')
@@ -150,15 +157,22 @@ def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torc
     sig = sig.to(dtype)
     num = sig.shape[2]
     gram = dic.transpose(1, 2) @ dic
-    xy = (dic.transpose(1, 2) @ sig).transpose(1, 2).reshape(p * num, k)  # signal-major
-    pos = torch.arange(p, device=dic.device).repeat_interleave(num)
-    codes = torch.empty(p * num, k, dtype=dtype, device=dic.device)
-    per_signal = n_nonzero * (k + n_nonzero) * torch.finfo(dtype).bits // 8
-    chunk = max(1, OMP_CHUNK_BYTES // per_signal)
-    for start in range(0, p * num, chunk):
-        stop = min(start + chunk, p * num)
-        codes[start:stop] = _omp_gram_flat(gram, xy[start:stop], pos[start:stop], n_nonzero)
-    codes = codes.reshape(p, num, k).transpose(1, 2).contiguous()
+    xy = (dic.transpose(1, 2) @ sig).transpose(1, 2).contiguous()  # (P, N, K): signal-major
+    # Blocks of (positions x signals) sized to the memory budget: whole positions when they fit
+    # (the alpha update is then one product per position), else slices of one position's signals.
+    per_signal = (n_nonzero * n_nonzero + 4 * k) * torch.finfo(dtype).bits // 8
+    # at least one whole position (or OMP_MIN_BLOCK signals) per block, however large s is, so that
+    # the Python-level step loop stays short
+    signals_per_block = max(OMP_MIN_BLOCK, OMP_CHUNK_BYTES // per_signal)
+    block_n = min(num, signals_per_block)
+    block_p = max(1, signals_per_block // max(num, 1)) if block_n == num else 1
+    codes = torch.empty(p, num, k, dtype=dtype, device=dic.device)
+    for p0 in range(0, p, block_p):
+        p1 = min(p0 + block_p, p)
+        for n0 in range(0, num, block_n):
+            n1 = min(n0 + block_n, num)
+            codes[p0:p1, n0:n1] = _omp_gram_block(gram[p0:p1], xy[p0:p1, n0:n1], n_nonzero)
+    codes = codes.transpose(1, 2).contiguous()
     return codes if batched else codes[0]
 
 
@@ -179,8 +193,8 @@ def _ksvd_sweep(dic: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor) 
         if not bool(any_used.any()):
             continue
         d_old = dic[:, :, k]  # (P, n)
-        # E g = R x + d_k (x . x)
-        eg = torch.bmm(residual, x.unsqueeze(2)).squeeze(2) + d_old * (x * x).sum(dim=1, keepdim=True)
+        # E g = R x + d_k (x . x)  (multiply-and-sum beats a batched matrix-vector product here)
+        eg = (residual * x.unsqueeze(1)).sum(dim=2) + d_old * (x * x).sum(dim=1, keepdim=True)
         d_new = eg / torch.linalg.vector_norm(eg, dim=1, keepdim=True)
         # g' = E^T d on omega: R^T d + x (d_k . d)
         g_new = torch.bmm(d_new.unsqueeze(1), residual).squeeze(1) + x * (d_old * d_new).sum(dim=1, keepdim=True)
@@ -190,7 +204,8 @@ def _ksvd_sweep(dic: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor) 
         if bool(keep.any()):
             d_new = torch.where(keep.unsqueeze(1), d_old, d_new)
         # R <- R + d_k x_k - d g'
-        residual.baddbmm_(torch.stack((d_old, -d_new), dim=2), torch.stack((x, g_new), dim=1))
+        residual.addcmul_(d_old.unsqueeze(2), x.unsqueeze(1))
+        residual.addcmul_(d_new.unsqueeze(2), g_new.unsqueeze(1), value=-1.0)
         dic[:, :, k] = d_new
         codes[:, k, :] = g_new
 
@@ -214,26 +229,17 @@ def approximate_ksvd(signals: torch.Tensor, init: torch.Tensor, n_nonzero: int, 
     dic = dic.to(dtype).clone().contiguous()
     p, n, num = sig.shape
     k = dic.shape[2]
-    codes = torch.empty(p, k, num, dtype=dtype, device=sig.device)
-    bar = None
-    if progress:
-        from tqdm import tqdm  # optional dependency, only for the progress bar
-        bar = tqdm(total=iterations, desc='K-SVD')
-    for _ in range(iterations):
+    per_position = (2 * n * num + k * num + n * k) * torch.finfo(dtype).bits // 8
+    group = max(1, KSVD_CHUNK_BYTES // per_position)
+    for _ in tqdm(range(iterations), desc='K-SVD', unit='it', leave=False, disable=not progress):
         codes = omp(dic, sig, n_nonzero)
         # the update step is independent per position: run it on cache-sized groups of positions
-        per_position = (2 * n * num + k * num + n * k) * torch.finfo(dtype).bits // 8
-        group = max(1, KSVD_CHUNK_BYTES // per_position)
         for start in range(0, p, group):
             sl = slice(start, min(start + group, p))
-            d_g = dic[sl]
+            d_g = dic[sl]  # views: the sweep updates dic and codes in place
             x_g = codes[sl]
             residual = sig[sl] - torch.bmm(d_g, x_g)
             _ksvd_sweep(d_g, x_g, residual)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     if not batched:
         return dic[0], codes[0]
     return dic, codes
