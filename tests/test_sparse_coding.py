@@ -13,6 +13,16 @@ from sklearn.linear_model import orthogonal_mp
 from codes.sparse_coding import approximate_ksvd, code_statistics, dct_dictionary, omp
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The problems here are tiny: intra-op threads only add barrier waits, which on a busy shared
+    machine made these tests several times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def unit_columns(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     d = rng.standard_normal((n, k))
     return d / np.linalg.norm(d, axis=0)
