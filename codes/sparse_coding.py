@@ -55,11 +55,10 @@ def _as_batched(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     raise ValueError(f'{name} must be 2-D or 3-D (batched over positions), got shape {tuple(x.shape)}')
 
 
-def _working_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.promote_types(tensors[0].dtype, tensors[1].dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.float64
-    return dtype
+def _working_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The promoted floating dtype of two inputs (integer inputs work in float64)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return dtype if dtype.is_floating_point else torch.float64
 
 
 def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> torch.Tensor:
