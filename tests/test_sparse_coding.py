@@ -13,6 +13,16 @@ from sklearn.linear_model import orthogonal_mp
 from codes.sparse_coding import approximate_ksvd, code_statistics, dct_dictionary, omp
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The problems here are tiny: intra-op threads only add barrier waits, which on a busy shared
+    machine made these tests several times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def unit_columns(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     d = rng.standard_normal((n, k))
     return d / np.linalg.norm(d, axis=0)
@@ -164,6 +174,18 @@ def test_ksvd_equals_the_plain_reference() -> None:
         ref_dic, ref_codes = reference_ksvd(sig, init, s, iterations)
         np.testing.assert_allclose(dic.numpy(), ref_dic, atol=1e-9, rtol=0)
         np.testing.assert_allclose(codes.numpy(), ref_codes, atol=1e-9, rtol=0)
+
+
+def test_ksvd_equals_the_reference_at_psdl_size() -> None:
+    # The default backbone's sizes at one position: d = 10 (n = K = 100), s = 25, N = 209
+    # ReLU-like signals, DCT init. Three iterations agree to round-off.
+    rng = np.random.default_rng(0)
+    sig = np.maximum(rng.standard_normal((100, 209)) + 0.3, 0)
+    init = dct_dictionary(10)
+    dic, codes = approximate_ksvd(torch.from_numpy(sig), torch.from_numpy(init), 25, iterations=3)
+    ref_dic, ref_codes = reference_ksvd(sig, init, 25, 3)
+    np.testing.assert_allclose(dic.numpy(), ref_dic, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(codes.numpy(), ref_codes, atol=1e-11, rtol=0)
 
 
 def test_ksvd_keeps_unused_atoms() -> None:
