@@ -1,23 +1,9 @@
 """Per-position Gaussians (PaDiM's features, PSDL's (L1, error) pairs), batched over positions."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Runs batched small-matrix linear algebra on one thread, restoring the setting after. Measured on 2
-    shared cores: 3,136 Cholesky solves of 100x100 took 1.8 s on one thread and 21 s on two (the
-    per-matrix work is too small for OpenMP's hand-offs, which stall when the cores are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from .threads import one_thread
 
 
 def fit_gaussians(x: torch.Tensor, eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from sklearn.random_projection import SparseRandomProjection, johnson_lindenstra
 
 from .nearest_neighbor import nearest_distances
 from .score_maps import smooth
+from .threads import one_thread
 
 K_NEIGHBOURS = 9
 PROJECTION_EPS = 0.9
@@ -53,11 +54,12 @@ def k_center_greedy(points: torch.Tensor, n_select: int, first: int = 0) -> np.n
     norms = (points * points).sum(1)
     selected = [first]
     min_dist = torch.full((len(points),), float('inf'))
-    for _ in range(n_select - 1):
-        centre = points[selected[-1]]
-        d = (norms - 2 * (points @ centre) + norms[selected[-1]]).clamp_min(0)
-        torch.minimum(min_dist, d, out=min_dist)
-        selected.append(int(torch.argmax(min_dist)))
+    with one_thread():      # one matrix-vector product per pick: too small to share between threads
+        for _ in range(n_select - 1):
+            centre = points[selected[-1]]
+            d = (norms - 2 * (points @ centre) + norms[selected[-1]]).clamp_min(0)
+            torch.minimum(min_dist, d, out=min_dist)
+            selected.append(int(torch.argmax(min_dist)))
     return np.array(selected, dtype=np.int64)
 
 

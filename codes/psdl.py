@@ -26,6 +26,7 @@ from .errors import UserError
 from .gaussians import fit_gaussians, mahalanobis
 from .score_maps import smooth, upsample
 from .sparse_coding import approximate_ksvd, dct_dictionary, omp
+from .threads import one_thread
 
 KINDS = ('single', 'multiple')
 SPARSITY = 0.25
@@ -102,7 +103,8 @@ class PSDL:
         n = signals.shape[1]
         init = torch.from_numpy(dct_dictionary(self.d)).to(signals).expand(len(signals), n, n).contiguous()
         started = time.perf_counter()
-        dictionaries, codes = approximate_ksvd(signals, init, self.n_nonzero, self.iterations)
+        with one_thread():
+            dictionaries, codes = approximate_ksvd(signals, init, self.n_nonzero, self.iterations)
         self.times['ksvd'] = time.perf_counter() - started
         # The repository's statistics come from the codes after K-SVD's last update step, not from
         # re-coding the training set with OMP (spec oddity 2, kept).
@@ -127,7 +129,8 @@ class PSDL:
         if (h, w) != self.grid:
             raise UserError(f'the test maps are {h}x{w} but the PSDL model was fitted on {self.grid[0]}x{self.grid[1]}')
         signals = as_signals(vectors)
-        codes = omp(self.dictionaries, signals, self.n_nonzero)
+        with one_thread():
+            codes = omp(self.dictionaries, signals, self.n_nonzero)
         dist = mahalanobis(code_pairs(self.dictionaries, signals, codes), self.mean, self.cov)
         return dist.T.reshape(n, h, w).numpy()
 
