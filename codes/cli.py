@@ -15,6 +15,7 @@ from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
 from .files import check_writable
 from .memory_bank import MemoryBank, default_cache_dir, load_or_build
+from .methods import METHODS as METHOD_NAMES
 from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
 from .nearest_neighbor import METHODS
 from .networks import EncoderHier
@@ -89,7 +90,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """--method and the flags of the methods on a pre-trained backbone (PSDL, PaDiM, PatchCore)."""
-    parser.add_argument('--method', choices=('patchsvdd', 'psdl', 'padim', 'patchcore'), default='patchsvdd',
+    parser.add_argument('--method', choices=METHOD_NAMES, default='patchsvdd',
                         help='patchsvdd (default; the flags above) or a method on a pre-trained ImageNet backbone')
     parser.add_argument('--backbone', choices=tuple(BACKBONES), default=DEFAULT_BACKBONE,
                         help=f'pre-trained network for psdl / padim / patchcore (default {DEFAULT_BACKBONE}, '
