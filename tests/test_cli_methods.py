@@ -19,13 +19,13 @@ def test_each_method_evaluates_and_caches(synthetic_root, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert re.fullmatch(rf'\|{method}\| Det: +[\d.]+ Seg: +[\d.]+ \(synthetic\)', proc.stdout.splitlines()[0])
         assert proc.stdout.splitlines()[1].split()[:3] == ['AUPRO', 'pixAP', 'F1max']
-        record = json.loads(written(proc).read_text())
+        record = json.loads((tmp_path / written(proc)).read_text())
         assert record['method'] == method and record['settings']['fitted_state'] == 'built'
         assert set(record['metrics'][method]) >= {'det', 'seg', 'aupro', 'pixel_ap', 'f1_max'}
         again = run('main_evaluate.py', f'--method={method}', *flags, '--save_maps', cwd=tmp_path)
-        record2 = json.loads(written(again).read_text())
+        record2 = json.loads((tmp_path / written(again)).read_text())
         assert record2['settings']['fitted_state'] == 'cached' and record2['metrics'] == record['metrics']
-        maps = np.load(record2['maps_npz'])
+        maps = np.load(tmp_path / record2['maps_npz'])
         assert maps[f'maps_{method}'].shape == (record['settings']['n_test'], 224, 224)
     rows = list(csv.DictReader((tmp_path / 'results' / 'summary.csv').open()))
     assert [r['method'] for r in rows] == ['psdl', 'psdl', 'padim', 'padim', 'patchcore', 'patchcore']
