@@ -5,7 +5,8 @@
                                        [--threads N]
 
 Each method runs as `main_evaluate.py --method M --no_cache` would, in a fresh process (imports
-included in `total`), then once more with a state cache so the second run reads the fitted state.
+included in `total`), then (unless `--cold_only`) twice with a state cache, the second reading the
+fitted state (the `cached` columns).
 `--threads` sets torch's thread count in those processes (default: torch's own choice).
 """
 from __future__ import annotations
@@ -53,13 +54,16 @@ def main() -> None:
     parser.add_argument('--backbone', default='efficientnet_lite0')
     parser.add_argument('--backbone_weights', default=None)
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--cold_only', action='store_true', help='skip the cached runs')
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(','):
             cold = run(method, args, Path(tmp) / 'cold', None)
-            run(method, args, Path(tmp) / 'warm', Path(tmp) / 'cache')          # fills the cache
-            cached = run(method, args, Path(tmp) / 'warm', Path(tmp) / 'cache')
+            cached = cold
+            if not args.cold_only:
+                run(method, args, Path(tmp) / 'warm', Path(tmp) / 'cache')          # fills the cache
+                cached = run(method, args, Path(tmp) / 'warm', Path(tmp) / 'cache')
             rows.append((method, cold, cached))
             print(cold['line'], flush=True)
     print(f'\n{args.obj}, backbone {args.backbone}, torch threads {args.threads or "default"}: seconds per stage')
