@@ -252,7 +252,8 @@ def test_code_statistics() -> None:
     assert l1.shape == err.shape == (3, 7)
     i, j = 2, 4
     assert l1[i, j].item() == pytest.approx(np.abs(codes[i, :, j].numpy()).sum())
-    assert err[i, j].item() == pytest.approx(np.sum((dic[i].numpy() @ codes[i, :, j].numpy() - sig[i, :, j].numpy()) ** 2))
+    residual = dic[i].numpy() @ codes[i, :, j].numpy() - sig[i, :, j].numpy()
+    assert err[i, j].item() == pytest.approx(np.sum(residual ** 2))
 
 
 def test_shared_dictionary_and_float32_ksvd() -> None:
