@@ -28,6 +28,8 @@ from tqdm import tqdm
 # step loop dominates.
 OMP_CHUNK_BYTES = 4 * 2**20
 OMP_MIN_BLOCK = 512
+# OMP keeps per-signal correlation tables when s^2 >= OMP_TRACK_RATIO * K (see omp()).
+OMP_TRACK_RATIO = 12
 # Same idea for K-SVD's per-chunk working set (signals, codes, residual of a group of positions).
 KSVD_CHUNK_BYTES = 8 * 2**20
 
@@ -61,21 +63,25 @@ def _working_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return dtype if dtype.is_floating_point else torch.float64
 
 
-def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> torch.Tensor:
+def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int, track: bool) -> torch.Tensor:
     """Gram OMP for a block of signals grouped by position: gram (p, K, K), xy (p, m, K) = (D_p^T y)^T
     for m signals at each of p positions -> codes (p, m, K).
 
     This is sklearn's ``_gram_omp`` (tol=None) step for step, for every signal at once: argmax of
     |alpha| over the atoms (ties and the "already chosen" test in sklearn's swapped order), the new
     Cholesky row w = L^-1 G[S, lam] and diagonal G[lam, lam] - |w|^2, the same early stops, then
-    gamma = (L L^T)^-1 D_S^T y and alpha = D^T y - G gamma. Two reformulations make it batched:
-    - C = L^-T is kept instead of L, so w = C^T G[S, lam] and the coefficients grow by one rank-1
-      term per step (gamma_t = gamma_{t-1} + z_t c_t with c_t the new column of C and
+    gamma = (L L^T)^-1 D_S^T y and alpha = D^T y - G gamma. Reformulated to batch well:
+    - C = L^-T is kept instead of L, so the coefficients grow by one rank-1 term per step
+      (gamma_t = gamma_{t-1} + z_t c_t with c_t = [-C w; 1] / L[t, t] the new column of C and
       z_t = alpha[lam] / L[t, t]) instead of a triangular solve per signal;
-    - alpha = D^T y - G gamma is one batched matrix product per position (codes are dense, zero
-      off the support), which runs at matrix-multiply speed instead of as per-signal gathers.
-    The per-signal t x t arrays are laid out (t, t, signals) so that their products vectorise over
-    the signals.
+    - every product with G is one batched matrix product per position (coefficients scattered into
+      dense K-vectors), which runs at matrix-multiply speed instead of as per-signal gathers;
+    - the per-signal t x t arrays are laid out (t, t, signals) so their products vectorise.
+    Two ways to get w and alpha, equal up to round-off:
+    - track=False: w = C^T G[S, lam] (a t x t product) and alpha = D^T y - G gamma afresh;
+    - track=True: keep v_i = G c_i (the atoms' correlations with the i-th orthonormalised chosen
+      atom); then w is column lam of v and alpha -= z_t v_t. Saves one t x t product per step for
+      K more numbers per signal and step, which pays when s^2 is large against K.
     """
     p, m, k = xy.shape
     b = p * m
@@ -83,12 +89,12 @@ def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> tor
     device = xy.device
     eps = torch.finfo(dtype).eps  # sklearn: min_float = np.finfo(Gram.dtype).eps
     gram_flat = gram.reshape(-1)
-    # flat offset of G_pos[lam, 0] is (pos * K + lam) * K
+    # flat index of G_pos[lam, 0] is (pos * K + lam) * K
     row_base = (torch.arange(p, device=device) * k).repeat_interleave(m)
     diag_flat = torch.diagonal(gram, dim1=1, dim2=2).reshape(-1)
 
     xy_flat = xy.reshape(b, k)
-    alpha = xy_flat
+    alpha = xy_flat.clone() if track else xy_flat
     # sklearn swaps each chosen atom to the front of its arrays; argmax breaks ties in that swapped
     # order, and "the argmax is an already chosen atom" is lam < n_active there. Track the order.
     order = torch.arange(k, device=device).expand(b, k).contiguous()
@@ -96,6 +102,9 @@ def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> tor
     support = torch.zeros(b, n_nonzero, dtype=torch.long, device=device)
     codes = torch.zeros(b, k, dtype=dtype, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    if track:
+        v = torch.empty(max(n_nonzero - 1, 1), b, k, dtype=dtype, device=device)
+        direction = torch.empty(b, k, dtype=dtype, device=device)
 
     for t in range(n_nonzero):
         j = alpha.gather(1, order).abs_().max(dim=1, keepdim=True).indices  # first maximum, as np.argmax
@@ -107,9 +116,11 @@ def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> tor
         row = row_base + lam
         l_kk = diag_flat[row]  # sklearn takes L[0, 0] = sqrt(G[lam, lam]) without a check
         if t > 0:
-            g = gram_flat[row.unsqueeze(1) * k + support[:, :t]].t()  # G[S, lam], (t, b)
-            c = c_inv[:t, :t]
-            w = (c * g.unsqueeze(1)).sum(dim=0)  # C^T g = L^-1 G[S, lam]
+            if track:
+                w = v[:t].gather(2, lam.view(1, b, 1).expand(t, b, 1)).squeeze(2)  # (t, b)
+            else:
+                g = gram_flat[row.unsqueeze(1) * k + support[:, :t]].t()  # G[S, lam], (t, b)
+                w = (c_inv[:t, :t] * g.unsqueeze(1)).sum(dim=0)  # C^T g = L^-1 G[S, lam]
             l_kk = l_kk - (w * w).sum(dim=0)
             stop |= l_kk <= eps  # sklearn: "selected atoms are dependent"
         done |= stop
@@ -120,20 +131,26 @@ def _omp_gram_block(gram: torch.Tensor, xy: torch.Tensor, n_nonzero: int) -> tor
         z = torch.where(active, alpha_lam / l_diag, torch.zeros_like(alpha_lam))
         if t > 0:
             # new column of L^-T: [-C w / l; 1 / l]; zero for signals that stopped (keeps them inert)
-            col = (c * w.unsqueeze(0)).sum(dim=1) / l_diag
+            col = (c_inv[:t, :t] * w.unsqueeze(0)).sum(dim=1) / l_diag
             c_inv[:t, t] = torch.where(active, -col, torch.zeros_like(col))
         c_inv[t, t] = 1.0 / l_diag
         support[:, t] = lam
+        c_t = c_inv[:t + 1, t].t()  # (b, t + 1): the new direction's coefficients on the support
         # gamma_t = gamma_{t-1} + z_t c_t; stopped signals have z = 0 and add nothing
-        codes.scatter_add_(1, support[:, :t + 1], (c_inv[:t + 1, t] * z).t())
+        codes.scatter_add_(1, support[:, :t + 1], c_t * z.unsqueeze(1))
         # swap order[t] and order[j] for the signals that took the step
         o_t = order[:, t].clone()
         o_j = order.gather(1, j.unsqueeze(1)).squeeze(1)
         order.scatter_(1, j.unsqueeze(1), torch.where(active, o_t, o_j).unsqueeze(1))
         order[:, t] = torch.where(active, o_j, o_t)
         if t + 1 < n_nonzero:
-            # G is symmetric: (G gamma)^T = gamma^T G
-            alpha = torch.baddbmm(xy, codes.view(p, m, k), gram, alpha=-1.0).view(b, k)
+            # G is symmetric, so G x for a batch of row vectors x is x @ G
+            if track:
+                direction.zero_().scatter_add_(1, support[:, :t + 1], c_t)
+                torch.bmm(direction.view(p, m, k), gram, out=v[t].view(p, m, k))
+                alpha.addcmul_(v[t], z.unsqueeze(1), value=-1.0)
+            else:
+                alpha = torch.baddbmm(xy, codes.view(p, m, k), gram, alpha=-1.0).view(b, k)
     return codes.view(p, m, k)
 
 
@@ -166,7 +183,10 @@ def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torc
     xy = (dic.transpose(1, 2) @ sig).transpose(1, 2).contiguous()  # (P, N, K): signal-major
     # Blocks of (positions x signals) sized to the memory budget: whole positions when they fit
     # (the alpha update is then one product per position), else slices of one position's signals.
-    per_signal = (n_nonzero * n_nonzero + 4 * k) * torch.finfo(dtype).bits // 8
+    # Tracking the correlations v (see _omp_gram_block) measured faster at s^2 / K = 16 (n = K = 256,
+    # s = 64: by 7 %) and 27 (441, 110: by 20 %), slower at 6.25 (PSDL's default 100, 25: by 25 %).
+    track = n_nonzero * n_nonzero >= OMP_TRACK_RATIO * k
+    per_signal = (n_nonzero * n_nonzero + (n_nonzero * k if track else 0) + 5 * k) * torch.finfo(dtype).bits // 8
     # at least one whole position (or OMP_MIN_BLOCK signals) per block, however large s is, so that
     # the Python-level step loop stays short
     signals_per_block = max(OMP_MIN_BLOCK, OMP_CHUNK_BYTES // per_signal)
@@ -177,7 +197,7 @@ def omp(dictionary: torch.Tensor, signals: torch.Tensor, n_nonzero: int) -> torc
         p1 = min(p0 + block_p, p)
         for n0 in range(0, num, block_n):
             n1 = min(n0 + block_n, num)
-            codes[p0:p1, n0:n1] = _omp_gram_block(gram[p0:p1], xy[p0:p1, n0:n1], n_nonzero)
+            codes[p0:p1, n0:n1] = _omp_gram_block(gram[p0:p1], xy[p0:p1, n0:n1], n_nonzero, track)
     codes = codes.transpose(1, 2).contiguous()
     return codes if batched else codes[0]
 

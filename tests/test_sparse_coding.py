@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
 
+import codes.sparse_coding as sparse_coding
 from codes.sparse_coding import approximate_ksvd, code_statistics, dct_dictionary, omp
 
 
@@ -21,6 +22,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=['fresh', 'tracked'])
+def omp_variant(request, monkeypatch) -> str:
+    """OMP has two internal ways to get the Cholesky row and the correlations (chosen by s^2 / K);
+    force each in turn so both are checked against sklearn."""
+    monkeypatch.setattr(sparse_coding, 'OMP_TRACK_RATIO', 10**9 if request.param == 'fresh' else 0)
+    return request.param
 
 
 def unit_columns(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -62,7 +71,7 @@ def test_dct_dictionary_matches_the_formula() -> None:
 # ---------------------------------------------------------------- OMP
 
 @pytest.mark.parametrize('n, k, num, s', [(20, 30, 50, 5), (16, 16, 40, 4), (10, 40, 30, 10), (36, 36, 25, 9)])
-def test_omp_equals_sklearn_unbatched(n: int, k: int, num: int, s: int) -> None:
+def test_omp_equals_sklearn_unbatched(n: int, k: int, num: int, s: int, omp_variant: str) -> None:
     rng = np.random.default_rng(n * 1000 + k)
     dic = unit_columns(rng, n, k)
     sig = rng.standard_normal((n, num))
@@ -73,7 +82,7 @@ def test_omp_equals_sklearn_unbatched(n: int, k: int, num: int, s: int) -> None:
     np.testing.assert_array_equal(codes.numpy() != 0, expected != 0)
 
 
-def test_omp_equals_sklearn_batched_per_position() -> None:
+def test_omp_equals_sklearn_batched_per_position(omp_variant: str) -> None:
     rng = np.random.default_rng(7)
     p, n, k, num, s = 5, 16, 24, 33, 6
     dics = np.stack([unit_columns(rng, n, k) for _ in range(p)])
@@ -84,7 +93,7 @@ def test_omp_equals_sklearn_batched_per_position() -> None:
         np.testing.assert_allclose(codes[i], sklearn_omp(dics[i], sigs[i], s), atol=1e-9, rtol=0)
 
 
-def test_omp_early_stops_like_sklearn() -> None:
+def test_omp_early_stops_like_sklearn(omp_variant: str) -> None:
     rng = np.random.default_rng(3)
     n, k, s = 12, 20, 6
     dic = unit_columns(rng, n, k)
@@ -102,7 +111,7 @@ def test_omp_early_stops_like_sklearn() -> None:
     assert nnz[4] == s and nnz[5] == s
 
 
-def test_omp_dependent_atom_stop() -> None:
+def test_omp_dependent_atom_stop(omp_variant: str) -> None:
     # More atoms asked for (5) than dimensions (3), at a large scale: after three atoms the residual
     # is round-off, still above sklearn's absolute correlation threshold, so what stops OMP is the
     # dependent-atom test on the Cholesky diagonal. Which side of eps that round-off lands on is
@@ -119,7 +128,7 @@ def test_omp_dependent_atom_stop() -> None:
     assert ((codes != 0).sum(axis=0) == 3).mean() >= 0.85
 
 
-def test_omp_ties_follow_sklearns_order_on_the_dct_dictionary() -> None:
+def test_omp_ties_follow_sklearns_order_on_the_dct_dictionary(omp_variant: str) -> None:
     # An orthonormal dictionary and signals that are sums of equal-weight atoms give exact ties
     # in the correlations; sklearn breaks them by its swapped index order.
     dic = dct_dictionary(4)
@@ -164,7 +173,7 @@ def reference_ksvd(signals: np.ndarray, init: np.ndarray, s: int, iterations: in
     return dic, codes
 
 
-def test_ksvd_equals_the_plain_reference() -> None:
+def test_ksvd_equals_the_plain_reference(omp_variant: str) -> None:
     rng = np.random.default_rng(5)
     n, k, num, s = 9, 12, 40, 3
     sig = rng.standard_normal((n, num))
@@ -243,7 +252,8 @@ def test_code_statistics() -> None:
     assert l1.shape == err.shape == (3, 7)
     i, j = 2, 4
     assert l1[i, j].item() == pytest.approx(np.abs(codes[i, :, j].numpy()).sum())
-    assert err[i, j].item() == pytest.approx(np.sum((dic[i].numpy() @ codes[i, :, j].numpy() - sig[i, :, j].numpy()) ** 2))
+    residual = dic[i].numpy() @ codes[i, :, j].numpy() - sig[i, :, j].numpy()
+    assert err[i, j].item() == pytest.approx(np.sum(residual ** 2))
 
 
 def test_shared_dictionary_and_float32_ksvd() -> None:
