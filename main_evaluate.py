@@ -1,4 +1,5 @@
-"""Evaluate Patch SVDD encoders: `python main_evaluate.py --obj=bottle --epochs=300`.
+"""Evaluate Patch SVDD encoders: `python main_evaluate.py --obj=bottle --epochs=300`,
+or a method on a pre-trained backbone: `python main_evaluate.py --obj=bottle --method=psdl`.
 
 --obj takes one class, a comma list, or `all` (the 15 MVTec AD classes found under the data root).
 """
@@ -9,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from codes import cli, inspection, mvtecad, reports
+from codes import cli, inspection, methods, mvtecad, reports
 from codes.checkpoints import file_sha256
 from codes.errors import UserError
 
@@ -22,12 +23,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--results_dir', default='results', help='where result files go (default results)')
     parser.add_argument('--save_maps', action='store_true',
                         help='also write the four 256x256 maps, labels and mask paths to results/<obj>/<run>_maps.npz')
+    cli.add_method_args(parser)
     cli.add_run_args(parser)
     return parser.parse_args(argv)
 
 
+def evaluate_method(args: argparse.Namespace) -> dict:
+    """Evaluates args.obj with --method psdl / padim / patchcore: the result line, the metrics block, the files."""
+    started = time.perf_counter()
+    results_dir = Path(args.results_dir)
+    device = cli.resolve_device(args.device)
+    files = mvtecad.find_class(mvtecad.resolve_data_root(args.data_root), args.obj)
+    result, data, backbone = methods.run_method(args, files, device, outputs=((results_dir / args.obj, 'results'),))
+    print(methods.result_line(result.method, result.metrics, args.obj))
+    print(reports.metrics_block({result.method: result.metrics}))
+    detail = {'psdl': f'{args.psdl_type}' + (f'-{args.layer}' if args.psdl_type == 'single' else '')
+              + ('-pooled' if args.pool_classes else ''),
+              'padim': f'd{args.padim_d}' if args.padim_d else '',
+              'patchcore': f'coreset{args.coreset_ratio:g}'}[result.method]
+    settings = {'backbone': backbone.name, 'backbone_weights': str(backbone.path), 'backbone_sha256': backbone.sha256,
+                'resize': result.method_resize, 'image_size': mvtecad.CROP_SIZE, 'device': str(device),
+                'data_root': str(files.folder.parent), 'fitted_state': result.state_source,
+                'n_train': result.n_train, 'n_test': len(files.test), 'has_masks': files.masks is not None,
+                **result.settings}
+    if result.method == 'patchcore':
+        settings['nn'] = 'exact'
+    record = {'obj': args.obj, 'method': result.method,
+              'aurocs': {'det': result.metrics['det'], 'seg': result.metrics['seg']},
+              'metrics': {result.method: result.metrics}, 'settings': settings,
+              'times_s': {**result.times, 'total': time.perf_counter() - started}}
+    name = reports.method_run_name(result.method, backbone.name, detail)
+    if args.save_maps:
+        maps_path = results_dir / args.obj / f'{name}_maps.npz'
+        reports.save_maps(maps_path, {result.method: result.maps}, files.labels, files.test, files.masks)
+        record['maps_npz'] = str(maps_path)
+        print(f'maps written to {maps_path}')
+    path = reports.write_result(results_dir, args.obj, name, record)
+    print(f'results written to {path}')
+    return record
+
+
 def evaluate_one(args: argparse.Namespace) -> dict:
     """Evaluates args.obj: prints the original's line and the further metrics, writes the result files."""
+    if args.method != 'patchsvdd':
+        return evaluate_method(args)
     started = time.perf_counter()
     results_dir = Path(args.results_dir)
     run = cli.prepare(args, outputs=((results_dir / args.obj, 'results'),))
@@ -68,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
     if args.obj != 'all' and ',' not in args.obj:
         evaluate_one(args)
         return
-    if args.ckpt:
+    if args.ckpt and args.method == 'patchsvdd':
         raise UserError('--ckpt names one checkpoint; for several classes use --ckpt_dir (holding <obj>/enchier.pkl) '
                         'or --epochs')
     present, missing = classes(args)

@@ -44,7 +44,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Reads a state_dict on the CPU; weights_only refuses pickles that would run code."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+    # random bytes can also fail deep in the unpickler with IndexError / KeyError (about 1 file in 15)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError, KeyError,
+            TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'{path} is not a loadable PyTorch state_dict ({first_line[:200]})') from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

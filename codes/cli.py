@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from .backbones import BACKBONES, DEFAULT_BACKBONE, LAYERS
 from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
 from .files import check_writable
 from .memory_bank import MemoryBank, default_cache_dir, load_or_build
+from .methods import METHODS as METHOD_NAMES
 from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
 from .nearest_neighbor import METHODS
 from .networks import EncoderHier
@@ -108,6 +110,28 @@ def add_threshold_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--normal_images', type=positive_int, default=None,
                         help='score only this many training images (evenly spaced) leave-one-out, to bound the '
                              'cost on large classes (default: all)')
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """--method and the flags of the methods on a pre-trained backbone (PSDL, PaDiM, PatchCore)."""
+    parser.add_argument('--method', choices=METHOD_NAMES, default='patchsvdd',
+                        help='patchsvdd (default; the flags above) or a method on a pre-trained ImageNet backbone')
+    parser.add_argument('--backbone', choices=tuple(BACKBONES), default=DEFAULT_BACKBONE,
+                        help=f'pre-trained network for psdl / padim / patchcore (default {DEFAULT_BACKBONE}, '
+                             'whose weights install with pip)')
+    parser.add_argument('--backbone_weights', default=None,
+                        help="the backbone's ImageNet weights (torchvision's resnet18-f37072fd.pth or "
+                             'wide_resnet50_2-95faca4d.pth); default for efficientnet_lite0: the pip package\'s file')
+    parser.add_argument('--psdl_type', choices=('single', 'multiple'), default='single',
+                        help='psdl: one layer (single, default) or layers 1-3 pooled onto layer3\'s grid (multiple)')
+    parser.add_argument('--layer', choices=LAYERS, default='layer3', help='psdl single: which layer (default layer3)')
+    parser.add_argument('--pool_classes', action='store_true',
+                        help='psdl: fit one model on every class under the data root (as the PSDL repository does)')
+    parser.add_argument('--padim_d', type=positive_int, default=None,
+                        help='padim: channels kept (default 100 for resnet18 and efficientnet_lite0, 550 for '
+                             'wide_resnet50_2)')
+    parser.add_argument('--coreset_ratio', type=positive_float, default=0.01,
+                        help='patchcore: fraction of training patches kept in the coreset (default 0.01)')
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

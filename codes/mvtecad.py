@@ -186,3 +186,52 @@ def standardize(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """(x - mean) / 255 in float32, NCHW."""
     x = (images.astype(np.float32) - mean) / 255
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+# ---- The PSDL repository's MVTec loader (PSDL_SPEC.md section 1), for PSDL, PaDiM and PatchCore:
+# short side to 256 with a PIL filter, centre crop 224; masks the same with NEAREST. Normalisation
+# belongs to the backbone (codes/backbones.py), so images stay uint8 here.
+CROP_RESIZE = 256
+CROP_SIZE = 224
+CROP_FILTERS = {'bicubic': Image.Resampling.BICUBIC, 'lanczos': Image.Resampling.LANCZOS,
+                'nearest': Image.Resampling.NEAREST}
+
+
+def resize_center_crop(im: Image.Image, resize_filter: str, short_side: int = CROP_RESIZE,
+                       crop: int = CROP_SIZE) -> Image.Image:
+    """torchvision's Resize(short_side) then CenterCrop(crop), with PIL (offsets round((in - out) / 2))."""
+    w, h = im.size
+    if w <= h:
+        size = (short_side, int(short_side * h / w))
+    else:
+        size = (int(short_side * w / h), short_side)
+    im = im.resize(size, CROP_FILTERS[resize_filter])
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return im.crop((left, top, left + crop, top + crop))
+
+
+def load_image_cropped(path: Path, resize_filter: str) -> np.ndarray:
+    return np.asarray(resize_center_crop(Image.fromarray(to_rgb_array(read_image(path))), resize_filter))
+
+
+def load_images_cropped(paths: tuple[Path, ...], resize_filter: str, desc: str) -> np.ndarray:
+    """(N,224,224,3) uint8, read on a small thread pool."""
+    images = thread_map(lambda p: load_image_cropped(p, resize_filter), paths, max_workers=min(4, os.cpu_count() or 1),
+                        desc=desc, unit='img', leave=False, disable=None)
+    return np.stack(images)
+
+
+def load_class_cropped(files: ClassFiles, resize_filter: str = 'bicubic', train: bool = True) -> LoadedClass:
+    """A class as the PSDL repository reads it: 224x224 crops, masks cropped the same way (NEAREST, > 128)."""
+    train_images = load_images_cropped(files.train, resize_filter, f'{files.obj} train') if train else None
+    test_images = load_images_cropped(files.test, resize_filter, f'{files.obj} test')
+    masks = None
+    if files.masks is not None:
+        masks = np.zeros((len(files.test), CROP_SIZE, CROP_SIZE), dtype=bool)
+        for i, (mask_path, image_path) in enumerate(zip(files.masks, files.test)):
+            if mask_path is not None:
+                load_mask(mask_path, image_path, 'nearest')      # checks the mask's size against its image
+                mask = read_image(mask_path)
+                mask = mask.convert('L') if mask.mode != 'L' else mask
+                masks[i] = np.asarray(resize_center_crop(mask, 'nearest')) > 128
+    return LoadedClass(files, train_images, test_images, masks)

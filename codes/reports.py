@@ -2,6 +2,7 @@
 results/summary.csv, optional saved maps, and a Markdown table for many classes beside the paper's."""
 from __future__ import annotations
 
+import csv
 import datetime as dt
 from pathlib import Path
 
@@ -14,12 +15,25 @@ PAPER = {'bottle': (98.6, 98.1), 'cable': (90.3, 96.8), 'capsule': (76.7, 95.8),
          'grid': (94.6, 96.2), 'hazelnut': (92.0, 97.5), 'leather': (90.9, 97.4), 'metal_nut': (94.0, 98.0),
          'pill': (86.1, 95.1), 'screw': (81.3, 95.7), 'tile': (97.8, 91.4), 'toothbrush': (100.0, 98.1),
          'transistor': (91.5, 97.0), 'wood': (96.5, 90.8), 'zipper': (97.9, 95.1)}
-MAP_LABELS = {'64': 'K64', '32': 'K32', 'sum': 'sum', 'mult': 'mult'}
+MAP_LABELS = {'64': 'K64', '32': 'K32', 'sum': 'sum', 'mult': 'mult',
+              'psdl': 'psdl', 'padim': 'padim', 'patchcore': 'patchcore'}
+SVDD = 'patchsvdd'
 
 
 def run_name(ckpt: Path, resize: str, nn: str) -> str:
     stamp = dt.datetime.now().strftime('%Y%m%d-%H%M%S')
     return f'{stamp}_{ckpt.stem}_{resize}_{nn}'
+
+
+def method_run_name(method: str, backbone: str, detail: str = '') -> str:
+    """e.g. `20261125-040000_psdl_efficientnet_lite0_single-layer3`."""
+    stamp = dt.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return f'{stamp}_{method}_{backbone}' + (f'_{detail}' if detail else '')
+
+
+def main_metrics(record: dict) -> dict[str, float | None]:
+    """The metrics of a record's result map: Patch SVDD's `mult`, another method's only map."""
+    return record['metrics'][record.get('method', SVDD) if record.get('method', SVDD) != SVDD else 'mult']
 
 
 def pct(value: float | None, width: int = 5) -> str:
@@ -43,14 +57,41 @@ def write_result(results_dir: Path, obj: str, name: str, record: dict) -> Path:
     make_dir(folder, 'results')
     path = folder / f'{name}.json'
     write_json(path, record)
-    mult = record['metrics']['mult']
-    row = {'run': name, 'obj': obj, 'checkpoint_sha256': record['settings']['checkpoint_sha256'],
-           'resize': record['settings']['resize'], 'nn': record['settings']['nn'],
-           **{k: '' if v is None else round(v, 6) for k, v in record['aurocs'].items()},
-           **{f'{k}_mult': '' if mult[k] is None else round(mult[k], 6) for k in ('aupro', 'pixel_ap', 'f1_max')},
-           'json': path.relative_to(results_dir).as_posix()}
-    append_csv_row(results_dir / 'summary.csv', row)
+    if record.get('method', SVDD) == SVDD:
+        mult = record['metrics']['mult']
+        row = {'run': name, 'obj': obj, 'checkpoint_sha256': record['settings']['checkpoint_sha256'],
+               'resize': record['settings']['resize'], 'nn': record['settings']['nn'],
+               **{k: '' if v is None else round(v, 6) for k, v in record['aurocs'].items()},
+               **{f'{k}_mult': '' if mult[k] is None else round(mult[k], 6) for k in ('aupro', 'pixel_ap', 'f1_max')},
+               'json': path.relative_to(results_dir).as_posix()}
+    else:
+        m = main_metrics(record)
+        row = {'run': name, 'obj': obj, 'method': record['method'],
+               'checkpoint_sha256': record['settings']['backbone_sha256'], 'resize': record['settings']['resize'],
+               'nn': record['settings'].get('nn', ''),
+               **{k: '' if m[k] is None else round(m[k], 6) for k in ('det', 'seg', 'aupro', 'pixel_ap', 'f1_max')},
+               'json': path.relative_to(results_dir).as_posix()}
+    append_summary_row(results_dir / 'summary.csv', row)
     return path
+
+
+def append_summary_row(path: Path, row: dict) -> None:
+    """Appends a row; when its columns differ from the file's (Patch SVDD's rows beside another method's),
+    the whole file is rewritten, atomically, with the union of the columns, rows without a `method`
+    column getting `patchsvdd`. A file of Patch SVDD rows alone stays exactly as before."""
+    header = next(csv.reader(path.open(newline='')), None) if path.exists() else None
+    if header is None or header == list(row):
+        append_csv_row(path, row)
+        return
+    rows = list(csv.DictReader(path.open(newline=''))) + [row]
+    columns = list(dict.fromkeys(header + list(row) + ['method']))
+    for r in rows:
+        if not r.get('method'):
+            r['method'] = SVDD
+    with atomic_open(path, 'w') as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval='')
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def save_maps(path: Path, maps: dict[str, np.ndarray], labels: np.ndarray, test_paths: tuple[Path, ...],
@@ -65,7 +106,10 @@ def save_maps(path: Path, maps: dict[str, np.ndarray], labels: np.ndarray, test_
 
 
 def markdown_table(records: list[dict]) -> str:
-    """Per class and mean: ours (mult map) beside the paper's Det / Seg, plus AUPRO, pixel AP, F1-max."""
+    """Per class and mean: ours (mult map) beside the paper's Det / Seg, plus AUPRO, pixel AP, F1-max.
+    Records of other methods (PSDL, PaDiM, PatchCore) get a table with a method column instead."""
+    if any(r.get('method', SVDD) != SVDD for r in records):
+        return method_table(records)
     head = ('| class | Det (ours) | Det (paper) | Seg (ours) | Seg (paper) | AUPRO | pixel AP | F1-max |\n'
             '|---|---|---|---|---|---|---|---|')
     rows, columns = [], []
@@ -79,4 +123,22 @@ def markdown_table(records: list[dict]) -> str:
     means = [np.mean([c[i] for c in columns]) if all(c[i] is not None for c in columns) else None
              for i in range(7)]
     rows.append(f'| **mean** ({len(records)}) | ' + ' | '.join(pct(v, 0) for v in means) + ' |')
+    return '\n'.join([head] + rows)
+
+
+def method_table(records: list[dict]) -> str:
+    """Per class and method, and the mean per method: Det, Seg, AUPRO, pixel AP, F1-max (%)."""
+    head = ('| class | method | Det | Seg | AUPRO | pixel AP | F1-max |\n'
+            '|---|---|---|---|---|---|---|')
+    keys = ('det', 'seg', 'aupro', 'pixel_ap', 'f1_max')
+    rows, by_method = [], {}
+    for r in records:
+        method = r.get('method', SVDD)
+        m = main_metrics(r)
+        by_method.setdefault(method, []).append([m[k] for k in keys])
+        rows.append(f'| {r["obj"]} | {method} | ' + ' | '.join(pct(m[k], 0) for k in keys) + ' |')
+    for method, columns in by_method.items():
+        means = [np.mean([c[i] for c in columns]) if all(c[i] is not None for c in columns) else None
+                 for i in range(len(keys))]
+        rows.append(f'| **mean** ({len(columns)}) | {method} | ' + ' | '.join(pct(v, 0) for v in means) + ' |')
     return '\n'.join([head] + rows)

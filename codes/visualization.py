@@ -65,7 +65,7 @@ def save_panels(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: s
     return paths
 
 
-def save_roc_figure(data: LoadedClass, maps: np.ndarray, path: Path) -> None:
+def save_roc_figure(data: LoadedClass, maps: np.ndarray, path: Path, map_name: str = 'mult map') -> None:
     """Image-level and (with masks) pixel-level ROC curves."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     scores = metrics.image_scores(maps)
@@ -75,14 +75,14 @@ def save_roc_figure(data: LoadedClass, maps: np.ndarray, path: Path) -> None:
         fpr, tpr, _ = roc_curve(data.masks.ravel(), maps.ravel())
         ax.plot(fpr, tpr, label=f'pixel (AUROC {metrics.segmentation_auroc(data.masks, maps):.3f})')
     ax.plot([0, 1], [0, 1], color='grey', linewidth=0.5, linestyle='--')
-    ax.set(xlabel='false positive rate', ylabel='true positive rate', title=f'{data.files.obj}: ROC (mult map)')
+    ax.set(xlabel='false positive rate', ylabel='true positive rate', title=f'{data.files.obj}: ROC ({map_name})')
     ax.legend(loc='lower right')
     fig.tight_layout()
     atomic_save(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
 
 
-def save_pro_figure(data: LoadedClass, maps: np.ndarray, path: Path) -> None:
+def save_pro_figure(data: LoadedClass, maps: np.ndarray, path: Path, map_name: str = 'mult map') -> None:
     """The PRO curve, with the FPR <= 0.3 range that AUPRO integrates shaded."""
     fpr, pro = metrics.pro_curve(data.masks, maps)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -90,13 +90,14 @@ def save_pro_figure(data: LoadedClass, maps: np.ndarray, path: Path) -> None:
     ax.axvspan(0, metrics.PRO_FPR_LIMIT, color='tab:blue', alpha=0.08)
     score = metrics.area_up_to(fpr, pro, metrics.PRO_FPR_LIMIT) / metrics.PRO_FPR_LIMIT
     ax.set(xlabel='false positive rate (anomaly-free pixels)', ylabel='per-region overlap',
-           title=f'{data.files.obj}: PRO (mult map), AUPRO@0.3 = {score:.3f}', xlim=(0, 1), ylim=(0, 1.02))
+           title=f'{data.files.obj}: PRO ({map_name}), AUPRO@0.3 = {score:.3f}', xlim=(0, 1), ylim=(0, 1.02))
     fig.tight_layout()
     atomic_save(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
 
 
-def write_index(data: LoadedClass, maps: np.ndarray, panels: list[Path], figures: list[Path], path: Path) -> None:
+def write_index(data: LoadedClass, maps: np.ndarray, panels: list[Path], figures: list[Path], path: Path,
+                map_name: str = 'mult map') -> None:
     """index.html: all panels sorted by anomaly score (highest first), each with its label and score."""
     scores = metrics.image_scores(maps)
     order = np.argsort(-scores, kind='stable')
@@ -118,7 +119,7 @@ figure {{ margin: 0; width: 360px; border: 3px solid #ccc; }}
 figure.defective {{ border-color: #d33; }} figure.normal {{ border-color: #3a3; }}
 img {{ width: 100%; }} figcaption {{ font-size: 13px; padding: 2px 4px; }}
 </style></head><body>
-<h1>{html.escape(data.files.obj)}: {len(order)} test images by anomaly score (mult map)</h1>
+<h1>{html.escape(data.files.obj)}: {len(order)} test images by anomaly score ({html.escape(map_name)})</h1>
 <p>Red border: defective; green: normal. Curves: {links}</p>
 <div class="grid">
 {chr(10).join(cards)}
@@ -128,15 +129,17 @@ img {{ width: 100%; }} figcaption {{ font-size: 13px; padding: 2px 4px; }}
         f.write(page)
 
 
-def save_all(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: str = 'test_set') -> dict[str, object]:
-    """Panels, curve figures and index.html for one class; returns what was written."""
+def save_all(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: str = 'test_set',
+             map_name: str = 'mult map') -> dict[str, object]:
+    """Panels, curve figures and index.html for one class; returns what was written. `map_name` labels the
+    figures (Patch SVDD's mult map, or the method's name)."""
     panels = save_panels(data, maps, out_dir, normalize)
     figures = [out_dir / 'roc_curve.png']
-    save_roc_figure(data, maps, figures[0])
+    save_roc_figure(data, maps, figures[0], map_name)
     if data.masks is not None and data.masks.any():
         figures.append(out_dir / 'pro_curve.png')
-        save_pro_figure(data, maps, figures[1])
-    write_index(data, maps, panels, figures, out_dir / 'index.html')
+        save_pro_figure(data, maps, figures[1], map_name)
+    write_index(data, maps, panels, figures, out_dir / 'index.html', map_name)
     return {'panels': panels, 'figures': figures, 'index': out_dir / 'index.html'}
 
 

@@ -1,0 +1,115 @@
+"""PatchCore as the PSDL repository has it (`patchcore/patchcore.py`, PSDL_SPEC.md section 6).
+
+Patch features: layer2 and layer3 each averaged over 3x3 neighbourhoods (stride 1, zero padding
+counted), layer3 upsampled bicubic to layer2's grid, concatenated. The memory bank is every training
+patch (image, row, col order), reduced to a coreset by k-center greedy selection (first centre: index
+0; distances measured after a sparse random projection when that projection is smaller than the
+features). Test: each patch's distance to its nearest coreset patch (this project's search module);
+the image score re-weights the largest patch score by its k=9 nearest coreset distances.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+
+from .nearest_neighbor import nearest_distances
+from .score_maps import smooth
+from .threads import one_thread
+
+K_NEIGHBOURS = 9
+PROJECTION_EPS = 0.9
+PROJECTION_SEED = 0     # the repository's projection is unseeded; ours is fixed so that runs repeat
+
+
+def patch_features(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, C2 + C3, h, w) on layer2's grid (the grid follows the input size: 28x28 at 224 px)."""
+    l2 = F.avg_pool2d(features['layer2'], 3, 1, 1)          # count_include_pad: borders divided by 9
+    l3 = F.avg_pool2d(features['layer3'], 3, 1, 1)
+    l3 = F.interpolate(l3, size=l2.shape[-2:], mode='bicubic', align_corners=False)
+    return torch.cat([l2, l3], dim=1)
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N*h*w, C) in image, row, column order."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def project(rows: np.ndarray, seed: int = PROJECTION_SEED) -> np.ndarray:
+    """SparseRandomProjection(n_components='auto', eps=0.9), only for the coreset's distances. When 'auto'
+    asks for more components than there are features, the features themselves are used (exact distances)."""
+    n_components = johnson_lindenstrauss_min_dim(len(rows), eps=PROJECTION_EPS)
+    if n_components >= rows.shape[1]:
+        return rows
+    return SparseRandomProjection(n_components=n_components, eps=PROJECTION_EPS,
+                                  random_state=seed).fit_transform(rows).astype(np.float32)
+
+
+def k_center_greedy(points: torch.Tensor, n_select: int, first: int = 0) -> np.ndarray:
+    """Indices of k-center greedy selection (L2): start at `first`, then repeatedly the point farthest
+    from all selected ones. One vectorised distance update per pick."""
+    points = points.float()
+    norms = (points * points).sum(1)
+    selected = [first]
+    min_dist = torch.full((len(points),), float('inf'))
+    with one_thread():      # one matrix-vector product per pick: too small to share between threads
+        for _ in range(n_select - 1):
+            centre = points[selected[-1]]
+            d = (norms - 2 * (points @ centre) + norms[selected[-1]]).clamp_min(0)
+            torch.minimum(min_dist, d, out=min_dist)
+            selected.append(int(torch.argmax(min_dist)))
+    return np.array(selected, dtype=np.int64)
+
+
+def reweight(knn: torch.Tensor, max_scores: torch.Tensor) -> torch.Tensor:
+    """The repository's image score: (1 - exp(max N_b) / sum exp(N_b)) * max patch score, N_b (N, k) being
+    the k nearest coreset distances of each image's highest-scoring patch. exp(max)/sum(exp) is computed
+    as 1/sum(exp(N_b - max)): the same value, without overflow for large distances."""
+    weight = 1 - 1 / torch.exp(knn - knn.max(dim=1, keepdim=True).values).sum(dim=1)
+    return weight * max_scores
+
+
+class PatchCore:
+    name = 'patchcore'
+    resize_filter = 'bicubic'
+
+    def __init__(self, coreset_ratio: float = 0.01, image_size: int = 224,
+                 device: torch.device | str = 'cpu') -> None:
+        self.coreset_ratio = coreset_ratio
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.coreset: np.ndarray | None = None
+
+    def settings(self) -> dict:
+        return {'coreset_ratio': self.coreset_ratio, 'projection_seed': PROJECTION_SEED,
+                'projection_eps': PROJECTION_EPS, 'first_centre': 0}
+
+    def fit(self, features: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        rows = as_rows(patch_features(features)).contiguous()
+        n_select = max(1, int(len(rows) * self.coreset_ratio))
+        selected = k_center_greedy(torch.from_numpy(project(rows.numpy())).to(self.device), n_select)
+        return {'coreset': rows[selected].numpy().astype(np.float32), 'selected': selected}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.coreset = state['coreset']
+
+    def valid(self, state: dict[str, np.ndarray]) -> bool:
+        return 'coreset' in state and state['coreset'].ndim == 2 and len(state['coreset']) >= 1
+
+    def score(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """(maps (N, size, size), image scores (N,))."""
+        feats = patch_features(features)
+        n, _, h, w = feats.shape
+        rows = as_rows(feats).numpy()
+        patch = nearest_distances(rows, self.coreset, 'exact', self.device, desc='search coreset').reshape(n, h, w)
+        # The k nearest coreset patches of each image's highest-scoring patch: a small exact search.
+        top = rows.reshape(n, h * w, -1)[np.arange(n), patch.reshape(n, -1).argmax(1)]
+        k = min(K_NEIGHBOURS, len(self.coreset))
+        knn = torch.cdist(torch.from_numpy(top).double(), torch.from_numpy(self.coreset).double()).topk(
+            k, dim=1, largest=False).values
+        image_scores = reweight(knn, torch.from_numpy(patch.reshape(n, -1).max(1)).double()).numpy()
+        maps = np.stack([cv2.resize(m.astype(np.float32), (self.image_size, self.image_size),
+                                    interpolation=cv2.INTER_LINEAR) for m in patch]).astype(np.float64)
+        return smooth(maps), image_scores
