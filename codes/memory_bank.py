@@ -8,10 +8,7 @@ the first time they are needed, each written atomically and checked against the 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import tempfile
 import zipfile
 import zlib
@@ -21,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import state_cache
 from .checkpoints import file_sha256
 from .embeddings import embed_images
 from .files import make_dir
@@ -30,6 +28,7 @@ from .networks import EncoderHier
 
 BANK_FORMAT = 1
 ARRAYS = ('mean', 'emb64', 'emb32')
+BANK_FILE = 'bank.npz'
 
 
 @dataclass
@@ -85,7 +84,7 @@ def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, 
     if cache_dir is None:
         return build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size), 'built'
     key = bank_key(ckpt, files, resize)
-    folder = cache_dir / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    folder = state_cache.entry_folder(cache_dir, key)
     bank = read_entry(folder, key, enc.D)
     if bank is not None:
         return bank, 'cached'
@@ -99,31 +98,18 @@ def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, 
 
 def read_entry(folder: Path, key: dict, D: int) -> MemoryBank | None:
     """The cached bank if the entry is complete and its key and shapes match; else None."""
-    try:
-        if json.loads((folder / 'key.json').read_text()) != key:
-            return None
-        with np.load(folder / 'bank.npz') as z:
-            arrays = {name: z[name] for name in ARRAYS}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+    arrays = state_cache.read_entry(folder, key, BANK_FILE)
+    if arrays is None or set(ARRAYS) - set(arrays):
         return None
     n = len(key['train'])
     if arrays['emb64'].shape[::3] != (n, D) or arrays['emb32'].shape[::3] != (n, D) or arrays['mean'].ndim != 3:
         return None
-    return MemoryBank(**arrays, folder=folder)
+    return MemoryBank(**{name: arrays[name] for name in ARRAYS}, folder=folder)
 
 
 def write_entry(folder: Path, key: dict, bank: MemoryBank) -> None:
     """Writes the entry into a temporary folder beside it and renames that into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.', dir=folder.parent))
-    try:
-        np.savez(tmp / 'bank.npz', **{name: getattr(bank, name) for name in ARRAYS})
-        (tmp / 'key.json').write_text(json.dumps(key))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    state_cache.write_entry(folder, key, {name: getattr(bank, name) for name in ARRAYS}, BANK_FILE)
 
 
 def bank_checksum(emb: np.ndarray) -> int:

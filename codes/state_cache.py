@@ -28,22 +28,22 @@ def entry_folder(cache_dir: Path, key: dict) -> Path:
     return cache_dir / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def read_entry(folder: Path, key: dict) -> State | None:
+def read_entry(folder: Path, key: dict, arrays: str = 'state.npz') -> State | None:
     """The stored arrays if the entry is complete and was written for exactly this key; else None."""
     try:
         if json.loads((folder / 'key.json').read_text()) != json.loads(json.dumps(key)):
             return None
-        with np.load(folder / 'state.npz', allow_pickle=False) as z:
+        with np.load(folder / arrays, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, zipfile.BadZipFile):
         return None
 
 
-def write_entry(folder: Path, key: dict, state: State) -> None:
+def write_entry(folder: Path, key: dict, state: State, arrays: str = 'state.npz') -> None:
     """Writes into a temporary folder beside the entry, then renames it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.', dir=folder.parent))
     try:
-        np.savez(tmp / 'state.npz', **state)
+        np.savez(tmp / arrays, **state)
         (tmp / 'key.json').write_text(json.dumps(key))
         if folder.exists():
             shutil.rmtree(folder)
