@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import file_sha256, load_state_dict
+from .checkpoints import file_sha256, load_state_dict, mismatch
 from .errors import UserError
 
 LAYERS = ('layer1', 'layer2', 'layer3')
@@ -262,11 +262,7 @@ def build_backbone(name: str, path: Path) -> nn.Module:
     """The backbone with the weights in `path`, strictly (every key, every shape), in eval mode."""
     module = BACKBONES[name].make()
     state = load_state_dict(path)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    missing, unexpected, shapes = mismatch(module, state)
     if missing or unexpected or shapes:
         what = (f'missing keys {", ".join(missing[:3])}' if missing else
                 f'unexpected keys {", ".join(unexpected[:3])}' if unexpected else

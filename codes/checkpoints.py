@@ -54,14 +54,20 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(module: nn.Module, path: Path) -> nn.Module:
-    """Loads `path` into `module`, naming any missing, unexpected or mis-shaped keys."""
-    state = load_state_dict(path)
+def mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, 'key (file shape) vs (model shape)') of `state` against `module`."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def load_into(module: nn.Module, path: Path) -> nn.Module:
+    """Loads `path` into `module`, naming any missing, unexpected or mis-shaped keys."""
+    state = load_state_dict(path)
+    missing, unexpected, shapes = mismatch(module, state)
     if missing or unexpected or shapes:
         parts = []
         if missing:
