@@ -60,19 +60,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(','):
             cold = run(method, args, Path(tmp) / 'cold', None)
-            cached = cold
+            cached = None
             if not args.cold_only:
                 run(method, args, Path(tmp) / 'warm', Path(tmp) / 'cache')          # fills the cache
                 cached = run(method, args, Path(tmp) / 'warm', Path(tmp) / 'cache')
             rows.append((method, cold, cached))
             print(cold['line'], flush=True)
     print(f'\n{args.obj}, backbone {args.backbone}, torch threads {args.threads or "default"}: seconds per stage')
-    print('| stage | ' + ' | '.join(f'{m} cold | {m} cached' for m, _, _ in rows) + ' |')
-    print('|---|' + '---|---|' * len(rows))
+    runs = [(f'{m} cold', cold) for m, cold, _ in rows]
+    if not args.cold_only:
+        runs = [run for (m, cold, cached) in rows for run in ((f'{m} cold', cold), (f'{m} cached', cached))]
+    print('| stage | ' + ' | '.join(name for name, _ in runs) + ' |')
+    print('|---|' + '---|' * len(runs))
     for stage in STAGES + ('total',):
-        cells = [f'{r["times_s"].get(stage, 0):.1f}' for _, cold, cached in rows for r in (cold, cached)]
-        print(f'| {stage} | ' + ' | '.join(cells) + ' |')
-    print('| wall (process) | ' + ' | '.join(f'{r["wall"]:.1f}' for _, c, w in rows for r in (c, w)) + ' |')
+        print(f'| {stage} | ' + ' | '.join(f'{r["times_s"].get(stage, 0):.1f}' for _, r in runs) + ' |')
+    print('| wall (process) | ' + ' | '.join(f'{r["wall"]:.1f}' for _, r in runs) + ' |')
     print('\n| method | Det | Seg | AUPRO | pixel AP | F1-max |\n|---|---|---|---|---|---|')
     for method, cold, _ in rows:
         m = cold['metrics'][method]

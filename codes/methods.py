@@ -17,7 +17,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from . import metrics
 from .backbones import Backbone
@@ -96,7 +95,7 @@ def method_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarra
     out = metrics.map_metrics(labels, masks, maps)
     if image_scores is not None:
         f1, threshold = metrics.f1_max(labels, image_scores)
-        out.update(det=float(roc_auc_score(labels, image_scores)), f1_max=f1, f1_threshold=threshold)
+        out.update(det=metrics.auroc(labels, image_scores), f1_max=f1, f1_threshold=threshold)
     return out
 
 

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
 
 from .nearest_neighbor import nearest_distances
 from .score_maps import smooth
@@ -40,6 +39,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def project(rows: np.ndarray, seed: int = PROJECTION_SEED) -> np.ndarray:
     """SparseRandomProjection(n_components='auto', eps=0.9), only for the coreset's distances. When 'auto'
     asks for more components than there are features, the features themselves are used (exact distances)."""
+    # imported here: scikit-learn takes most of a second to import, and only PatchCore's fit needs it
+    from sklearn.random_projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
     n_components = johnson_lindenstrauss_min_dim(len(rows), eps=PROJECTION_EPS)
     if n_components >= rows.shape[1]:
         return rows

@@ -110,3 +110,25 @@ def test_one_sort_gives_sklearns_auroc_and_ap(seed):
     assert abs(full['seg'] - metrics.segmentation_auroc(masks, maps)) <= 1e-9
     assert abs(full['pixel_ap'] - metrics.pixel_average_precision(masks, maps)) <= 1e-9
     assert abs(full['aupro'] - metrics.aupro(masks, maps)) <= 1e-12
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_image_auroc_and_f1_max_equal_sklearns(seed):
+    """Image AUROC and F1-max (value and threshold, ties of scores and of F1 included) as scikit-learn gives them."""
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 60))
+    scores = rng.integers(0, 6, n) / 5 if seed % 2 else rng.random(n)     # odd seeds: many equal scores
+    labels = (rng.random(n) < 0.3 + 0.4 * scores).astype(int)
+    labels[:2] = [0, 1]
+    assert abs(metrics.auroc(labels, scores) - roc_auc_score(labels, scores)) <= 1e-12
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)[:-1]
+    best = int(np.argmax(f1))
+    assert metrics.f1_max(labels, scores) == pytest.approx((f1[best], thresholds[best]), abs=1e-12)
+
+
+def test_auroc_of_one_class_is_refused():
+    with pytest.raises(ValueError, match='Only one class'):
+        metrics.auroc(np.zeros(4, int), np.arange(4.0))
