@@ -36,27 +36,34 @@ def detection_auroc(labels: np.ndarray, maps: np.ndarray) -> float:
 
 def segmentation_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Pixel-level ROC AUC over all test pixels."""
-    return auroc(masks, maps)
+    return Pixels(masks, maps).auroc()
 
 
 def pixel_average_precision(masks: np.ndarray, maps: np.ndarray) -> float:
-    return Ranking(maps).average_precision(masks)
+    return Pixels(masks, maps).average_precision()
 
 
 class Ranking:
-    """All pixels of a set of maps sorted once by score, highest first, with the last position of each
-    distinct score: ROC AUC, average precision and the PRO curve are all read off this one sort."""
+    """Scores sorted once, highest first, with the last position of each distinct score: ROC AUC, average
+    precision and the PRO curve are all read off this one sort. With `weights`, each score stands for that
+    many items (pixels of a block that all have this score) and `truth` holds how many of them are positive."""
 
-    def __init__(self, maps: np.ndarray):
-        flat = self.flat = np.asarray(maps).ravel()
+    def __init__(self, scores: np.ndarray, weights: np.ndarray | None = None):
+        flat = self.flat = np.asarray(scores).ravel()
         self.order = np.argsort(flat)[::-1]   # the order within ties does not matter: one point per tie
         self.last_of_tie = np.append(np.diff(flat[self.order]) != 0, True)   # one point per distinct threshold
+        self.weights = None if weights is None else np.asarray(weights, np.float64).ravel()
+
+    def cumulative(self, values: np.ndarray) -> np.ndarray:
+        """The sum of `values` (one per score) over the scores at or above each distinct threshold."""
+        return np.cumsum(np.asarray(values).ravel()[self.order], dtype=np.float64)[self.last_of_tie]
 
     def counts(self, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """True and false positives when predicting positive at or above each distinct score."""
-        tps = np.cumsum(truth.ravel()[self.order], dtype=np.float64)[self.last_of_tie]
-        fps = np.flatnonzero(self.last_of_tie) + 1 - tps
-        return tps, fps
+        tps = self.cumulative(truth)
+        if self.weights is None:
+            return tps, np.flatnonzero(self.last_of_tie) + 1 - tps
+        return tps, self.cumulative(self.weights) - tps
 
     def thresholds(self) -> np.ndarray:
         """The distinct scores, highest first (the thresholds `counts` is taken at)."""
@@ -74,6 +81,75 @@ class Ranking:
         tps, fps = self.counts(truth)
         precision = tps / (tps + fps)
         return float(np.sum(np.diff(np.r_[0, tps / tps[-1]]) * precision))
+
+
+def block_size(maps: np.ndarray, sizes: tuple[int, ...] = (16, 8, 4, 2)) -> int:
+    """The largest b of `sizes` such that every map is constant on each aligned b x b block (1 if none).
+    Patch SVDD's maps are: every patch edge lies on a multiple of 4 pixels (of 16 for K=64 alone)."""
+    h, w = maps.shape[-2:]
+    for b in sizes:
+        if h % b == 0 and w % b == 0:
+            corners = maps[..., ::b, None, ::b, None]
+            if np.array_equal(maps.reshape(*maps.shape[:-2], h // b, b, w // b, b),
+                              np.broadcast_to(corners, (*maps.shape[:-2], h // b, b, w // b, b))):
+                return b
+    return 1
+
+
+class Pixels:
+    """The test pixels of a set of maps, ranked once by score. Maps constant on b x b blocks are ranked by
+    block, each block counting for its b^2 pixels and its anomalous ones: the same curves (one point per
+    distinct score either way) from a b^2 times smaller sort."""
+
+    def __init__(self, masks: np.ndarray, maps: np.ndarray):
+        maps = np.asarray(maps)
+        self.masks = np.asarray(masks).reshape(maps.shape).astype(bool)
+        self.b = b = block_size(maps) if maps.ndim >= 2 else 1
+        if b == 1:
+            self.ranking = Ranking(maps)
+        else:
+            values = maps[..., ::b, ::b]
+            self.ranking = Ranking(values, np.full(values.shape, b * b))
+        self.positives = self.pool(self.masks)
+
+    def pool(self, per_pixel: np.ndarray) -> np.ndarray:
+        """Per-pixel values summed over each block (unchanged when blocks are single pixels)."""
+        if self.b == 1:
+            return per_pixel
+        b, (h, w) = self.b, per_pixel.shape[-2:]
+        return per_pixel.reshape(*per_pixel.shape[:-2], h // b, b, w // b, b).sum(axis=(-3, -1), dtype=np.float64)
+
+    def auroc(self) -> float:
+        return self.ranking.auroc(self.positives)
+
+    def average_precision(self) -> float:
+        return self.ranking.average_precision(self.positives)
+
+    def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, PRO) at every distinct threshold, from (0, 0) to (1, 1), as MVTec AD's evaluation computes it."""
+        masks = self.masks.reshape(-1, *self.masks.shape[-2:])
+        fp_weight = np.zeros(masks.shape, np.float64)     # each anomaly-free pixel: 1 / all anomaly-free pixels
+        pro_weight = np.zeros(masks.shape, np.float64)    # each region's pixel: 1 / (its region's size * all regions)
+        n_regions = 0
+        for i, mask in enumerate(masks):
+            labeled, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
+            fp_weight[i][labeled == 0] = 1.0
+            if n:
+                sizes = np.bincount(labeled.ravel())
+                pro_weight[i] = np.where(labeled > 0, 1.0 / sizes[labeled], 0.0)
+            n_regions += n
+        if n_regions == 0:
+            raise ValueError('PRO needs at least one anomalous region in the masks')
+        shape = self.masks.shape
+        fpr = self.ranking.cumulative(self.pool(fp_weight.reshape(shape))) / fp_weight.sum()
+        pro = self.ranking.cumulative(self.pool(pro_weight.reshape(shape))) / n_regions
+        fpr, pro = np.clip(fpr, None, 1.0), np.clip(pro, None, 1.0)
+        return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
+
+    def aupro(self, fpr_limit: float = PRO_FPR_LIMIT) -> float:
+        """Normalised area under the PRO curve up to `fpr_limit` (1.0 is perfect)."""
+        fpr, pro = self.pro_curve()
+        return area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -94,26 +170,9 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best])
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray, ranking: Ranking | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at every distinct threshold, from (0, 0) to (1, 1), as MVTec AD's evaluation computes it."""
-    fp_weight = np.zeros(maps.shape, np.float64)     # each anomaly-free pixel: 1 / all anomaly-free pixels
-    pro_weight = np.zeros(maps.shape, np.float64)    # each region's pixel: 1 / (its region's size * all regions)
-    n_regions = 0
-    for i, mask in enumerate(masks):
-        labeled, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
-        fp_weight[i][labeled == 0] = 1.0
-        if n:
-            sizes = np.bincount(labeled.ravel())
-            pro_weight[i] = np.where(labeled > 0, 1.0 / sizes[labeled], 0.0)
-        n_regions += n
-    if n_regions == 0:
-        raise ValueError('PRO needs at least one anomalous region in the masks')
-    ranking = ranking or Ranking(maps)
-    order, last_of_tie = ranking.order, ranking.last_of_tie
-    fpr = np.cumsum(fp_weight.ravel()[order])[last_of_tie] / fp_weight.sum()
-    pro = np.cumsum(pro_weight.ravel()[order])[last_of_tie] / n_regions
-    fpr, pro = np.clip(fpr, None, 1.0), np.clip(pro, None, 1.0)
-    return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
+    return Pixels(masks, maps).pro_curve()
 
 
 def area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -127,11 +186,9 @@ def area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(area)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT,
-          ranking: Ranking | None = None) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
     """Normalised area under the PRO curve up to `fpr_limit` (1.0 is perfect)."""
-    fpr, pro = pro_curve(masks, maps, ranking)
-    return area_up_to(fpr, pro, fpr_limit) / fpr_limit
+    return Pixels(masks, maps).aupro(fpr_limit)
 
 
 def map_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarray) -> dict[str, float | None]:
@@ -141,7 +198,6 @@ def map_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarray) 
     out: dict[str, float | None] = {'det': auroc(labels, scores), 'f1_max': f1,
                                     'f1_threshold': threshold, 'seg': None, 'aupro': None, 'pixel_ap': None}
     if masks is not None:
-        ranking = Ranking(maps)          # one sort of the pixels serves the three pixel-level metrics
-        out.update(seg=ranking.auroc(masks), aupro=aupro(masks, maps, ranking=ranking),
-                   pixel_ap=ranking.average_precision(masks))
+        pixels = Pixels(masks, maps)     # one sort of the pixels serves the three pixel-level metrics
+        out.update(seg=pixels.auroc(), aupro=pixels.aupro(), pixel_ap=pixels.average_precision())
     return out

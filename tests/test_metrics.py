@@ -132,3 +132,21 @@ def test_image_auroc_and_f1_max_equal_sklearns(seed):
 def test_auroc_of_one_class_is_refused():
     with pytest.raises(ValueError, match='Only one class'):
         metrics.auroc(np.zeros(4, int), np.arange(4.0))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_block_constant_maps_ranked_by_block_give_the_per_pixel_metrics(seed, monkeypatch):
+    """Maps constant on 4x4 blocks (as Patch SVDD's are) are ranked by block; masks cut across blocks.
+    Pixel AUROC and AP equal scikit-learn's over all pixels, AUPRO the per-pixel computation's, to 1e-9."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((3, 8, 8)).round(1)                    # ties between blocks too
+    maps = np.kron(coarse, np.ones((4, 4)))
+    masks = rng.random((3, 32, 32)) < 0.2 + 0.5 * maps
+    assert metrics.block_size(maps) == 4 and metrics.block_size(maps + rng.random(maps.shape) * 1e-9) == 1
+    fast = metrics.map_metrics(np.array([1, 0, 1]), masks, maps)
+    assert abs(fast['seg'] - roc_auc_score(masks.ravel(), maps.ravel())) <= 1e-9
+    assert abs(fast['pixel_ap'] - average_precision_score(masks.ravel(), maps.ravel())) <= 1e-9
+    monkeypatch.setattr(metrics, 'block_size', lambda maps: 1)
+    slow = metrics.map_metrics(np.array([1, 0, 1]), masks, maps)
+    assert abs(fast['aupro'] - slow['aupro']) <= 1e-9 and fast['aupro'] > 0
