@@ -90,8 +90,9 @@ class CellIndex:
     # ---- building
     @classmethod
     def build(cls, bank: np.ndarray, groups: np.ndarray | None = None, seed: int = 0,
-              cells: int | None = None) -> CellIndex:
-        """k-means cells (about sqrt(n) of them, seeded) over the distinct rows of `bank` (M, D) float32."""
+              cells: int | None = None, background: bool = False) -> CellIndex:
+        """k-means cells (about sqrt(n) of them, seeded) over the distinct rows of `bank` (M, D) float32.
+        `background`: built beside other torch work, so torch's thread count is left as it is."""
         import faiss
         bank = np.ascontiguousarray(bank, np.float32)
         keep = unique_rows(bank, groups)[0]
@@ -110,7 +111,7 @@ class CellIndex:
         # float32-representable centroids: rows and queries are centred on them in float32 without rounding
         # the centroid (a float32 difference of nearby float32 numbers is exact or nearly so)
         centroids = centroids.astype(np.float32).astype(np.float64)
-        with worker_pool() as pmap:
+        with worker_pool(set_threads=not background) as pmap:
             cell, home_gap = assign(bank, keep, centroids, pmap)
         used = np.bincount(cell, minlength=len(centroids)) > 0      # drop empty cells: the rest stay Voronoi cells
         remap = np.cumsum(used) - 1
@@ -148,6 +149,18 @@ class CellIndex:
         return index
 
     # ---- searching
+    def centre(self, bank: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted bank rows minus their cell's centroid (computed in float64, kept in float32), and
+        their squared norms: made once, on first use."""
+        if self.centred is None:
+            cell = np.repeat(np.arange(len(self.centroids)), np.diff(self.starts))
+            out = np.empty((len(self.rows), bank.shape[1]), np.float32)
+            c32 = self.centroids.astype(np.float32)
+            for sl in _chunks(len(self.rows)):
+                np.subtract(bank[self.rows[sl]], c32[cell[sl]], out=out[sl])
+            self.centred = torch.from_numpy(out), torch.from_numpy(np.einsum('ij,ij->i', out, out))
+        return self.centred
+
     def search(self, bank: np.ndarray, queries: np.ndarray, query_groups: np.ndarray | None = None,
                bank_groups: np.ndarray | None = None) -> np.ndarray:
         """Index of a nearest bank row for each query row (float32 (n, D)); with groups, rows of the query's
@@ -156,17 +169,20 @@ class CellIndex:
 
 
 @contextlib.contextmanager
-def worker_pool():
+def worker_pool(set_threads: bool = True):
     """A map over as many single-threaded workers as torch has threads. The work here is many modest
     matrix products: torch's own intra-op threads would meet at a barrier after each, which costs more
-    than the work (and far more when the CPU is shared); a pool keeps every core busy instead."""
+    than the work (and far more when the CPU is shared); a pool keeps every core busy instead.
+    set_threads=False leaves torch's (process-wide) thread count alone, for work beside other torch work."""
     threads = torch.get_num_threads()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        torch.set_num_threads(1)
+        if set_threads:
+            torch.set_num_threads(1)
         try:
             yield pool.map
         finally:
-            torch.set_num_threads(threads)
+            if set_threads:
+                torch.set_num_threads(threads)
 
 
 def _chunks(n: int, size: int = ROW_CHUNK):
@@ -265,25 +281,11 @@ class _Search:
         self.best_err = np.zeros(n, np.float32)         # float32 error bound of `best`
         self.max_err = np.zeros(n, np.float32)          # largest error bound of any row scanned for the query
         self.best_pos = np.full(n, -1, np.int64)        # sorted position of the best row
-        if index.centred is None:
-            index.centred = self._centred_rows()
-        self.rows, self.row_norms = index.centred
+        self.rows, self.row_norms = index.centre(self.bank)
         self.radius = torch.from_numpy(index.radius).float()
         self.between = torch.cdist(torch.from_numpy(index.centroids), torch.from_numpy(index.centroids)).float()
         self.margin = self.gamma * (4 * torch.from_numpy(index.radius) ** 2
                                     + 7 * torch.from_numpy(index.home_gap) ** 2).float()
-
-    def _centred_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sorted bank rows minus their cell's centroid (computed in float64, kept in float32), and
-        their squared norms."""
-        ix = self.ix
-        cell = np.repeat(np.arange(len(ix.centroids)), np.diff(ix.starts))
-        out = np.empty((len(ix.rows), self.D), np.float32)
-        c32 = ix.centroids.astype(np.float32)
-        for sl in _chunks(len(ix.rows)):
-            np.subtract(self.bank[ix.rows[sl]], c32[cell[sl]], out=out[sl])
-        rows = torch.from_numpy(out)
-        return rows, (rows * rows).sum(1)
 
     def scan_cell(self, c: int, qi: np.ndarray) -> tuple[np.ndarray, ...]:
         """Queries `qi` against every row of cell c: one float32 matrix product; for each query the smallest

@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,11 +171,23 @@ def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()
     for folder, what in outputs + (((cache_dir, 'cache'),) if cache_dir else ()):
         check_writable(folder, what)
     enc = load_encoder(ckpt, args.D, device)
-    started = time.perf_counter()
-    data = load_class(files, args.resize, train=False)     # test images first: bad ones stop it before any write
-    load_time = time.perf_counter() - started
-    bank, source = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size)
-    times = {'load_test': load_time, 'bank': time.perf_counter() - started - load_time}
+    times: dict[str, float] = {}
+
+    def load_test() -> LoadedClass:
+        started = time.perf_counter()
+        data = load_class(files, args.resize, train=False)
+        times['load_test'] = time.perf_counter() - started
+        return data
+
+    # The test set is read while a cached bank is read. A bank that has to be built waits for the test set
+    # first: a bad test image stops the run before anything is written.
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        test = reader.submit(load_test)
+        started = time.perf_counter()
+        bank, source = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size,
+                                     before_build=test.result)
+        times['bank'] = time.perf_counter() - started
+        data = test.result()
     return Prepared(device, ckpt, enc, bank, source, data, times)
 
 

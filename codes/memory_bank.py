@@ -12,6 +12,7 @@ import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,15 +45,18 @@ class MemoryBank:
         """Where the NGT index of emb32 is (or is to be) kept."""
         return None if self.folder is None else self.folder / 'ngt32'
 
-    def search(self, K: str, method: str, device: torch.device | str = 'cpu'):
-        """The fitted search object of method over the K ('64' or '32') bank: from this run, else from the
-        cache entry, else built (and added to the entry)."""
+    def search(self, K: str, method: str, device: torch.device | str = 'cpu', background: bool = False):
+        """The fitted search object of method over the K ('64' or '32') bank, ready to query: from this run,
+        else from the cache entry, else built (and added to the entry). `background`: the caller runs on
+        another thread than torch's work (the exact search then leaves torch's thread count alone)."""
         device = torch.device(device)
         key = (K, method, str(device))
         if key not in self.searches:
             emb = self.emb64 if K == '64' else self.emb32
-            if method == 'exact' and device.type != 'cuda' and self.folder is not None:
-                self.searches[key] = cached_exact_search(emb, self.folder / f'exact{K}.npz', device)
+            if method == 'exact' and device.type != 'cuda':
+                search = (cached_exact_search(emb, self.folder / f'exact{K}.npz', device, background)
+                          if self.folder is not None else ExactSearch(device).fit(emb, background=background))
+                self.searches[key] = search.prepare()
             elif method == 'ngt' and K == '32':
                 self.searches[key] = NGTSearch(self.ngt32).fit(emb)
             else:
@@ -78,16 +82,20 @@ def bank_key(ckpt: Path, files: ClassFiles, resize: str) -> dict:
 
 
 def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, device: torch.device | str,
-                  cache_dir: Path | None, batch_size: int = 8) -> tuple[MemoryBank, str]:
+                  cache_dir: Path | None, batch_size: int = 8,
+                  before_build: Callable[[], object] = lambda: None) -> tuple[MemoryBank, str]:
     """The bank for this checkpoint, training set and filter, and how it was had: 'cached', 'built' or
-    'rebuilt' (an entry was there but did not match). With cache_dir None nothing is cached."""
+    'rebuilt' (an entry was there but did not match). With cache_dir None nothing is cached.
+    `before_build` runs before a bank is built (not when it is read): a check that may stop the run."""
     if cache_dir is None:
+        before_build()
         return build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size), 'built'
     key = bank_key(ckpt, files, resize)
     folder = state_cache.entry_folder(cache_dir, key)
     bank = read_entry(folder, key, enc.D)
     if bank is not None:
         return bank, 'cached'
+    before_build()
     how = 'rebuilt' if folder.exists() else 'built'
     bank = build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size)
     make_dir(cache_dir, 'cache')
@@ -117,7 +125,7 @@ def bank_checksum(emb: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(emb, np.float32).data)
 
 
-def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device) -> ExactSearch:
+def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device, background: bool = False) -> ExactSearch:
     """The exact search over `emb` with its cell index read from `path` when that file is sound and was built
     on this very bank; otherwise built and written there (temporary file, then rename)."""
     checksum = bank_checksum(emb)
@@ -130,7 +138,7 @@ def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device) -> Ex
                 return search
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile):
         pass
-    search = ExactSearch(device).fit(emb)
+    search = ExactSearch(device).fit(emb, background=background)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.npz', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:

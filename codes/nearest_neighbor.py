@@ -86,13 +86,20 @@ class ExactSearch:
         self.bank: np.ndarray | None = None
         self.groups: np.ndarray | None = None
 
-    def fit(self, bank: np.ndarray, groups: np.ndarray | None = None) -> ExactSearch:
+    def fit(self, bank: np.ndarray, groups: np.ndarray | None = None, background: bool = False) -> ExactSearch:
         """Builds the cell index (CPU only; a few seconds for bottle's 679k rows). With `groups` (one per
-        bank row), rows equal in value but of different groups are kept apart for leave-one-out search."""
+        bank row), rows equal in value but of different groups are kept apart for leave-one-out search.
+        `background`: built beside other torch work (torch's thread count is left alone)."""
         self.bank = as_rows(bank)
         self.groups = None if groups is None else np.asarray(groups, np.int64).reshape(-1)
         if self.device.type != 'cuda' and self.index is None:
-            self.index = CellIndex.build(self.bank, self.groups)
+            self.index = CellIndex.build(self.bank, self.groups, background=background)
+        return self
+
+    def prepare(self) -> ExactSearch:
+        """Makes what the first query would otherwise make (the index's centred rows); NumPy only."""
+        if self.index is not None:
+            self.index.centre(self.bank)
         return self
 
     def nearest_ids(self, queries: np.ndarray, query_groups: np.ndarray | None = None,
