@@ -60,7 +60,9 @@ def unique_rows(x: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.nda
     if groups is not None:
         h = h * np.uint64(0x9E3779B97F4A7C15) + np.asarray(groups).astype(np.uint64)
     order = np.argsort(h, kind='stable')
-    same = (h[order[1:]] == h[order[:-1]]) & np.all(x[order[1:]] == x[order[:-1]], axis=1)
+    same = h[order[1:]] == h[order[:-1]]
+    pairs = np.flatnonzero(same)          # rows are compared only where hashes agree (no bank-sized copies)
+    same[pairs] = np.all(x[order[pairs + 1]] == x[order[pairs]], axis=1)
     if groups is not None:
         same &= groups[order[1:]] == groups[order[:-1]]
     starts_run = np.r_[True, ~same]              # equal neighbours in hash order collapse onto the first
@@ -98,10 +100,11 @@ class CellIndex:
         keep = unique_rows(bank, groups)[0]
         n, D = len(keep), bank.shape[1]
         k = max(1, min(n, cells or round(math.sqrt(n))))
+        # the mean in float64, a chunk at a time (a float64 copy of a 3M-row bank would be 1.6 GB)
+        mean = sum(bank[keep[sl]].sum(0, dtype=np.float64) for sl in _chunks(n)) / max(n, 1)
         if k == 1:
-            centroids = bank[keep].astype(np.float64).mean(0, keepdims=True)
+            centroids = mean[None, :]
         else:
-            mean = bank[keep].astype(np.float64).mean(0)
             sample = np.random.default_rng(seed).choice(n, min(n, 32 * k), replace=False)
             train = (bank[keep[np.sort(sample)]] - mean).astype(np.float32)
             km = faiss.Kmeans(D, k, niter=10, seed=seed, max_points_per_centroid=32, min_points_per_centroid=1,
