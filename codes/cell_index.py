@@ -33,9 +33,11 @@ def gamma(D: int) -> float:
 
 
 ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float64 temporaries)
-# Beyond this many (query, cell) pairs the cells do not prune (codes nearly constant, a barely trained
-# encoder): the search gives up rather than run out of memory, and the caller falls back to brute force.
-MAX_PAIRS = 20_000_000
+# (query, cell) pairs held at once: queries are taken a round of groups at a time so that the pairs stay
+# within this, however little the cells prune (a barely trained encoder's nearly constant codes: ~340
+# cells per query); a bank whose cells prune well (~8 per query) is done in one round.
+PAIR_BUDGET = 8_000_000
+GROUP_WINDOW = 32       # query groups whose candidates are computed together (in parallel) before counting
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
 
 
@@ -253,10 +255,6 @@ def assign(bank: np.ndarray, keep: np.ndarray, centroids: np.ndarray, pmap=map) 
     return cell, gap
 
 
-class CellsDoNotPrune(RuntimeError):
-    """The bounds leave too many cells to scan for this bank: brute force is the better search."""
-
-
 class _Search:
     """One search's state: each query's best and second-best float32 squared distance (relative to the
     scanned cell's centroid), their error bounds, and every (query, cell) pair that may hold its neighbour."""
@@ -397,24 +395,53 @@ class _Search:
                 self.scan_pairs(np.concatenate(lq), np.concatenate(lc))
                 done_q += lq
                 done_c += lc
-            # 3. every other cell that may hold a nearer row: the most promising first, then the rest
-            parts = list(pmap(self.candidates, members, origins)) if k > 1 else []
-            pq, pc, plb, stage = (np.concatenate(x) for x in zip(*parts)) if parts else (np.zeros(0, np.int64),) * 4
-            self.scan_pairs(pq[stage == 1], pc[stage == 1])
-            rest = (stage == 2) & (plb < self.limit()[pq])
-            self.scan_pairs(pq[rest], pc[rest])
-            # 4. near-ties, in float64, over every cell that may hold the neighbour
-            done_q, done_c = np.concatenate(done_q), np.concatenate(done_c)
-            self.settle_ties(np.concatenate([done_q, pq]), np.concatenate([done_c, pc]),
-                             np.concatenate([np.zeros(len(done_q), np.float32), plb]))
+            # 3. every other cell that may hold a nearer row: the most promising first, then the rest;
+            # 4. near-ties, in float64, over every cell that may hold the neighbour. A round of query groups at a time.
+            empty = np.zeros(0, np.int64)
+            done_q, done_c = np.concatenate(done_q or [empty]), np.concatenate(done_c or [empty])
+            settled = np.zeros(n, bool)
+            for queries, (pq, pc, plb, stage) in (self.candidate_rounds(members, origins) if k > 1 else ()):
+                self.scan_pairs(pq[stage == 1], pc[stage == 1])
+                rest = (stage == 2) & (plb < self.limit()[pq])
+                self.scan_pairs(pq[rest], pc[rest])
+                self.settle_round(queries, done_q, done_c, pq, pc, plb)
+                settled[queries] = True
+            if not settled.all():
+                self.settle_round(np.flatnonzero(~settled), done_q, done_c, empty, empty, np.zeros(0, np.float32))
         pos = self.best_pos
         ids = np.where(pos >= 0, ix.rows[np.maximum(pos, 0)], -1)
         return ids[self.inverse]
 
-    def settle_ties(self, pq: np.ndarray, pc: np.ndarray, plb: np.ndarray) -> None:
-        """Queries whose best row is within float32 error of another are settled in float64 over every cell
-        that may hold their neighbour; float64 ties go to the lowest sorted position, whatever the order."""
-        tie = (self.second - self.best <= self.best_err + self.max_err) & np.isfinite(self.best)
+    def candidate_rounds(self, members: list[np.ndarray], origins: list[int]):
+        """(queries, (query, cell, lower bound, stage) pairs) for runs of consecutive query groups whose pairs
+        together reach PAIR_BUDGET; each group's candidates are computed once its own nearest cell is scanned."""
+        held: list[tuple[np.ndarray, tuple[np.ndarray, ...]]] = []
+        count = 0
+        for start in range(0, len(members), GROUP_WINDOW):
+            window = slice(start, start + GROUP_WINDOW)
+            for m, part in zip(members[window], self.map(self.candidates, members[window], origins[window])):
+                held.append((m, part))
+                count += len(part[0])
+            if count >= PAIR_BUDGET or start + GROUP_WINDOW >= len(members):
+                queries = np.concatenate([m for m, _ in held])
+                yield queries, tuple(np.concatenate(x) for x in zip(*(part for _, part in held)))
+                held, count = [], 0
+
+    def settle_round(self, queries: np.ndarray, done_q: np.ndarray, done_c: np.ndarray, pq: np.ndarray,
+                     pc: np.ndarray, plb: np.ndarray) -> None:
+        """Settles the near-ties among `queries`, whose every possible cell is in (done_q, done_c) (scanned
+        first, bound 0) or in (pq, pc) with lower bounds plb."""
+        mine = np.zeros(len(self.q), bool)
+        mine[queries] = True
+        first = mine[done_q]
+        self.settle_ties(np.concatenate([done_q[first], pq]), np.concatenate([done_c[first], pc]),
+                         np.concatenate([np.zeros(int(first.sum()), np.float32), plb]), mine)
+
+    def settle_ties(self, pq: np.ndarray, pc: np.ndarray, plb: np.ndarray, among: np.ndarray) -> None:
+        """Queries (of the mask `among`) whose best row is within float32 error of another are settled in
+        float64 over every cell that may hold their neighbour; float64 ties go to the lowest sorted position,
+        whatever the order."""
+        tie = (self.second - self.best <= self.best_err + self.max_err) & np.isfinite(self.best) & among
         if not tie.any():
             return
         sel = tie[pq] & (plb < self.limit()[pq])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cell_index import CellIndex, CellsDoNotPrune
+from .cell_index import CellIndex
 from .embeddings import iter_batches
 from .errors import UserError
 
@@ -54,13 +54,17 @@ class BruteForceSearch:
         # float64: in float32, ||q||^2 + ||b||^2 - 2 q.b loses the small distances that matter most.
         device = self.device
         q_block, b_block = CUDA_BLOCKS if device.type == 'cuda' else CPU_BLOCKS
+        # centred on the bank's mean: the expansion's rounding scales with the norms, and near-identical
+        # codes far from the origin would otherwise pick a row 1e-9 away over an identical one
         bank_t = torch.from_numpy(self.bank).to(device, torch.float64)
+        centre = bank_t.mean(0)
+        bank_t -= centre
         bank_sq = (bank_t ** 2).sum(1)
         qg = None if query_groups is None else torch.from_numpy(np.asarray(query_groups, np.int64)).to(device)
         bg = None if bank_groups is None else torch.from_numpy(np.asarray(bank_groups, np.int64)).to(device)
         ids = np.empty(len(queries), np.int64)
         for qs in tqdm(list(iter_batches(len(queries), q_block)), desc=desc, unit='block', leave=False, disable=None):
-            q = torch.from_numpy(queries[qs]).to(device, torch.float64)
+            q = torch.from_numpy(queries[qs]).to(device, torch.float64) - centre
             best = torch.full((len(q),), float('inf'), dtype=torch.float64, device=device)
             best_id = torch.full((len(q),), -1, dtype=torch.int64, device=device)
             for bs in iter_batches(len(bank_t), b_block):
@@ -110,11 +114,7 @@ class ExactSearch:
             # the cached index merged equal rows of different groups: leave-one-out needs them apart
             return ExactSearch(self.device).fit(self.bank, bank_groups).nearest_ids(queries, query_groups,
                                                                                     bank_groups, desc)
-        try:
-            return self.index.search(self.bank, queries, query_groups, bank_groups)
-        except CellsDoNotPrune:
-            # e.g. a barely trained encoder's nearly constant codes: exact all the same, by brute force
-            return BruteForceSearch(self.device).fit(self.bank).nearest_ids(queries, query_groups, bank_groups, desc)
+        return self.index.search(self.bank, queries, query_groups, bank_groups)
 
     def arrays(self) -> dict[str, np.ndarray] | None:
         """The index's arrays, for caching beside the bank (None on a GPU, where no index is needed)."""

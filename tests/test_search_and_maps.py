@@ -69,6 +69,30 @@ def test_pruned_exact_search_equals_brute_force(case):
     np.testing.assert_array_equal(d, brute_force(queries, bank).astype(np.float32))
 
 
+@pytest.mark.parametrize('case', [random_banks()[i] for i in (1, 4)], ids=lambda c: c[0])
+def test_pruned_search_in_rounds_of_few_pairs_equals_brute_force(case, monkeypatch):
+    """With a pair budget far below what the queries need, the queries go in many rounds (as a barely trained
+    encoder's bank does at full size): every answer is still the nearest row, leave-one-out included."""
+    from codes import cell_index
+    _, bank, queries = case
+    rounds = []
+    original = cell_index._Search.candidate_rounds
+
+    def counted(self, members, origins):
+        for found in original(self, members, origins):
+            rounds.append(len(found[0]))
+            yield found
+    monkeypatch.setattr(cell_index, 'PAIR_BUDGET', 1)
+    monkeypatch.setattr(cell_index, 'GROUP_WINDOW', 2)
+    monkeypatch.setattr(cell_index._Search, 'candidate_rounds', counted)
+    d = nearest_distances(queries, bank, 'exact')
+    np.testing.assert_array_equal(d, brute_force(queries, bank).astype(np.float32))
+    assert len(rounds) > 3 and sum(rounds) == len(np.unique(queries, axis=0))
+    groups = np.arange(len(bank)) % 5
+    d = nearest_distances(bank[:300], bank, 'exact', query_groups=groups[:300], bank_groups=groups)
+    np.testing.assert_array_equal(d, brute_force(bank[:300], bank, groups[:300], groups).astype(np.float32))
+
+
 @pytest.mark.parametrize('case', random_banks()[:3], ids=lambda c: c[0])
 def test_leave_one_group_out_equals_brute_force(case):
     _, bank, queries = case
