@@ -25,6 +25,7 @@ import torch
 from common import SHARED, checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
 import main_evaluate  # noqa: E402
 from codes import inspection, mvtecad  # noqa: E402
+from codes.allocator import keep_freed_memory  # noqa: E402
 from codes.checkpoints import load_encoder  # noqa: E402
 from codes.embeddings import embed_images, grid_size  # noqa: E402
 from codes.memory_bank import build_bank  # noqa: E402
@@ -89,6 +90,7 @@ def main() -> None:
     parser = class_parser(__doc__)
     parser.add_argument('--subset', type=int, default=2, help='test images for the original-style comparison')
     args = parser.parse_args()
+    keep_freed_memory()      # as the entry scripts do (codes/cli.py run)
     ckpt = checkpoint_path(args)
 
     # 1. full evaluation, cold then cached, exactly as main_evaluate.py runs it

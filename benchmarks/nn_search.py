@@ -26,6 +26,7 @@ from PIL import Image
 
 from common import checkpoint_path, class_parser  # noqa: E402  (puts the repository on the path)
 from codes import inspection, mvtecad  # noqa: E402
+from codes.allocator import keep_freed_memory  # noqa: E402
 from codes.checkpoints import load_encoder  # noqa: E402
 from codes.embeddings import embed_images  # noqa: E402
 from codes.memory_bank import build_bank  # noqa: E402
@@ -59,25 +60,38 @@ def timed_search(method: str, queries: np.ndarray, bank: np.ndarray) -> tuple[np
     return ids, built, time.perf_counter() - t - built
 
 
+def peak_kib() -> int:
+    """This process's peak resident memory (VmHWM, kB): its own, from its exec on."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1])
+    raise RuntimeError('no VmHWM in /proc/self/status')
+
+
 def child(bank_file: str, n_rows: int, method: str, query_file: str, out_file: str) -> None:
     """One search in this process (for its own peak memory): writes the distances and the times."""
-    bank = np.ascontiguousarray(np.load(bank_file, mmap_mode='r')[:n_rows])
+    keep_freed_memory()      # as the entry scripts do (codes/cli.py run)
+    with open(bank_file, 'rb') as f:      # read the rows, not mapped: a mapping would count in the peak memory
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        bank = np.fromfile(f, dtype=dtype, count=n_rows * shape[1]).reshape(n_rows, shape[1])
     queries = np.load(query_file)
     ids, built, queried = timed_search(method, queries, bank)
     np.save(out_file, distances_to(queries, bank, ids))
-    print(json.dumps({'build': built, 'query': queried}))
+    print(json.dumps({'build': built, 'query': queried, 'peak_kib': peak_kib()}))
 
 
 def run_child(bank_file: Path, n_rows: int, method: str, query_file: Path, folder: Path) -> dict:
     out = folder / f'd_{method}_{n_rows}.npy'
     proc = subprocess.Popen([sys.executable, __file__, '--child', str(bank_file), str(n_rows), method,
                              str(query_file), str(out)], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     text = proc.stdout.read()
     if status != 0:
         raise RuntimeError(f'{method} on {n_rows} rows failed')
     result = json.loads(text.strip().splitlines()[-1])
-    result['peak_gib'] = usage.ru_maxrss / 2 ** 20       # kilobytes on Linux
+    # the child's own high-water mark: its ru_maxrss would include the parent's memory at the fork
+    result['peak_gib'] = result['peak_kib'] / 2 ** 20
     result['distances'] = np.load(out)
     return result
 

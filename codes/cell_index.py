@@ -37,6 +37,7 @@ ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float
 # within this, however little the cells prune (a barely trained encoder's nearly constant codes: ~340
 # cells per query); a bank whose cells prune well (~8 per query) is done in one round.
 PAIR_BUDGET = 8_000_000
+SCAN_BLOCK = 1 << 20    # distances per matrix product when scanning a cell (4 MB: near the caches)
 GROUP_WINDOW = 32       # query groups whose candidates are computed together (in parallel) before counting
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
 
@@ -289,24 +290,31 @@ class _Search:
                                     + 7 * torch.from_numpy(index.home_gap) ** 2).float()
 
     def scan_cell(self, c: int, qi: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Queries `qi` against every row of cell c: one float32 matrix product; for each query the smallest
-        squared distance, its sorted position, the second smallest and their float32 error bound.
+        """Queries `qi` against every row of cell c: float32 matrix products of at most SCAN_BLOCK distances
+        (a popular cell can have 100k queries); for each query the smallest squared distance, its sorted
+        position, the second smallest and their float32 error bound.
         Reads only what does not change during a search, so cells can be scanned in parallel."""
         lo, hi = int(self.ix.starts[c]), int(self.ix.starts[c + 1])
-        q = self.qt[torch.from_numpy(qi)] - self.c32[c]
-        qn = (q * q).sum(1).numpy()
-        # ||q||^2 is added after the minimum: it does not change which row is nearest
-        s = torch.addmm(self.row_norms[None, lo:hi], q, self.rows[lo:hi].T, alpha=-2).numpy()
-        if self.bgroups is not None:
-            s[self.qgroups[qi][:, None] == self.bgroups[None, lo:hi]] = np.inf
-        # NumPy's row-wise argmin is vectorised (an order of magnitude faster than torch's min with indices)
-        i1 = s.argmin(1)
-        r = np.arange(len(qi))
-        v1 = s[r, i1] + qn
-        s[r, i1] = np.inf
-        v2 = s.min(1) + qn if hi - lo > 1 else np.full(len(qi), np.inf, np.float32)
+        v1, i1, v2 = (np.empty(len(qi), t) for t in (np.float32, np.int64, np.float32))
+        qn = np.empty(len(qi), np.float32)
+        rows, norms = self.rows[lo:hi].T, self.row_norms[None, lo:hi]
+        for sl in _chunks(len(qi), max(1, SCAN_BLOCK // (hi - lo))):
+            part = qi[sl]
+            q = self.qt[torch.from_numpy(part)] - self.c32[c]
+            qn[sl] = (q * q).sum(1).numpy()
+            # ||q||^2 is added after the minimum: it does not change which row is nearest
+            s = torch.addmm(norms, q, rows, alpha=-2).numpy()
+            if self.bgroups is not None:
+                s[self.qgroups[part][:, None] == self.bgroups[None, lo:hi]] = np.inf
+            # NumPy's row-wise argmin is vectorised (an order of magnitude faster than torch's min with indices)
+            best = s.argmin(1)
+            r = np.arange(len(part))
+            v1[sl] = s[r, best]
+            s[r, best] = np.inf
+            v2[sl] = s.min(1) if hi - lo > 1 else np.inf
+            i1[sl] = best
         err = (qn + np.float32(self.ix.radius[c]) ** 2) * np.float32(self.gamma)
-        return qi, v1, i1 + lo, v2, err
+        return qi, v1 + qn, i1 + lo, v2 + qn, err
 
     def merge(self, qi: np.ndarray, v1: np.ndarray, pos: np.ndarray, v2: np.ndarray, err: np.ndarray) -> None:
         """Folds one cell's results into the queries' state (in cell order: ties keep the earlier row)."""

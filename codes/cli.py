@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
 from .backbones import BACKBONES, DEFAULT_BACKBONE, LAYERS
 from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
@@ -205,6 +206,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def run(main: Callable[[], None], debug: bool = False) -> None:
     """Runs an entry point, turning a UserError into one line on stderr and exit status 2."""
+    keep_freed_memory()
     try:
         main()
     except UserError as e:
