@@ -37,7 +37,7 @@ ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float
 # within this, however little the cells prune (a barely trained encoder's nearly constant codes: ~340
 # cells per query); a bank whose cells prune well (~8 per query) is done in one round.
 PAIR_BUDGET = 8_000_000
-SCAN_BLOCK = 1 << 20    # distances per matrix product when scanning a cell (4 MB: near the caches)
+SCAN_BLOCK = 1 << 18    # distances per matrix product when scanning a cell (1 MB: measured best of 64k-1M)
 GROUP_WINDOW = 32       # query groups whose candidates are computed together (in parallel) before counting
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
 
