@@ -84,9 +84,11 @@ def main() -> None:
     for name, wall, cpu, rate, loop_rate, times, _ in rows:
         cells = ['' if v is None else f'{v:.2f}' for v in (rate, loop_rate, times.get('model'))]
         print(f'| {name} | {wall:.1f} | {cpu:.1f} | ' + ' | '.join(cells) + ' |')
-    print(f'\nload average (1, 5, 15 min) at the end: {", ".join(f"{v:.1f}" for v in os.getloadavg())} '
-          f'on {os.cpu_count()} cores: above the core count, other processes shared the CPU and the wall times '
-          'are inflated; CPU s is the processes\' own user + system time.')
+    load = os.getloadavg()
+    verdict = ('above the core count: other processes shared the CPU and the wall times are inflated'
+               if load[0] > (os.cpu_count() or 1) else 'not above the core count')
+    print(f'\nload average (1, 5, 15 min) at the end: {", ".join(f"{v:.1f}" for v in load)} on {os.cpu_count()} '
+          f'cores, {verdict}; CPU s is the processes\' own user + system time.')
     print('\n' + '\n'.join(f'{name}: {line}' for name, *_, line in rows if line))
 
 
