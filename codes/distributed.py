@@ -117,6 +117,9 @@ def session(device: torch.device) -> Iterator[Context]:
         else:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            # every rank reaches the teardown together: a rank that tears gloo down while its peer is still
+            # exchanging with it can die in C++ ("terminate called without an active exception")
+            dist.barrier()
         finally:
             with contextlib.suppress(Exception):   # after a peer failed, tearing down may complain too
                 dist.destroy_process_group()
