@@ -38,7 +38,7 @@ ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float
 # cells per query); a bank whose cells prune well (~8 per query) is done in one round.
 PAIR_BUDGET = 8_000_000
 SCAN_BLOCK = 1 << 18    # distances per matrix product when scanning a cell (1 MB: measured best of 64k-1M)
-GROUP_WINDOW = 32       # query groups whose candidates are computed together (in parallel) before counting
+WINDOW_QUERIES = 32768  # queries whose candidates are computed together (in parallel), a group or more at a time
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
 
 
@@ -64,8 +64,10 @@ def unique_rows(x: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.nda
         h = h * np.uint64(0x9E3779B97F4A7C15) + np.asarray(groups).astype(np.uint64)
     order = np.argsort(h, kind='stable')
     same = h[order[1:]] == h[order[:-1]]
-    pairs = np.flatnonzero(same)          # rows are compared only where hashes agree (no bank-sized copies)
-    same[pairs] = np.all(x[order[pairs + 1]] == x[order[pairs]], axis=1)
+    pairs = np.flatnonzero(same)          # rows are compared only where hashes agree, a chunk at a time
+    for sl in _chunks(len(pairs)):
+        p = pairs[sl]
+        same[p] = np.all(x[order[p + 1]] == x[order[p]], axis=1)
     if groups is not None:
         same &= groups[order[1:]] == groups[order[:-1]]
     starts_run = np.r_[True, ~same]              # equal neighbours in hash order collapse onto the first
@@ -104,7 +106,7 @@ class CellIndex:
         n, D = len(keep), bank.shape[1]
         k = max(1, min(n, cells or round(math.sqrt(n))))
         # the mean in float64, a chunk at a time (a float64 copy of a 3M-row bank would be 1.6 GB)
-        mean = sum(bank[keep[sl]].sum(0, dtype=np.float64) for sl in _chunks(n)) / max(n, 1)
+        mean = sum((bank[keep[sl]].sum(0, dtype=np.float64) for sl in _chunks(n)), np.zeros(D)) / max(n, 1)
         if k == 1:
             centroids = mean[None, :]
         else:
@@ -298,7 +300,7 @@ class _Search:
         v1, i1, v2 = (np.empty(len(qi), t) for t in (np.float32, np.int64, np.float32))
         qn = np.empty(len(qi), np.float32)
         rows, norms = self.rows[lo:hi].T, self.row_norms[None, lo:hi]
-        for sl in _chunks(len(qi), max(1, SCAN_BLOCK // (hi - lo))):
+        for sl in _chunks(len(qi), max(64, SCAN_BLOCK // max(hi - lo, 1))):   # 64: a product, not a vector
             part = qi[sl]
             q = self.qt[torch.from_numpy(part)] - self.c32[c]
             qn[sl] = (q * q).sum(1).numpy()
@@ -422,18 +424,29 @@ class _Search:
 
     def candidate_rounds(self, members: list[np.ndarray], origins: list[int]):
         """(queries, (query, cell, lower bound, stage) pairs) for runs of consecutive query groups whose pairs
-        together reach PAIR_BUDGET; each group's candidates are computed once its own nearest cell is scanned."""
+        together reach PAIR_BUDGET; each group's candidates are computed once its own nearest cell is scanned.
+        Groups are computed (in parallel) a window of at most WINDOW_QUERIES queries at a time."""
         held: list[tuple[np.ndarray, tuple[np.ndarray, ...]]] = []
-        count = 0
-        for start in range(0, len(members), GROUP_WINDOW):
-            window = slice(start, start + GROUP_WINDOW)
-            for m, part in zip(members[window], self.map(self.candidates, members[window], origins[window])):
+        count, start = 0, 0
+        while start < len(members):
+            stop, size = start + 1, len(members[start])
+            while stop < len(members) and size + len(members[stop]) <= WINDOW_QUERIES:
+                size += len(members[stop])
+                stop += 1
+            for m, part in zip(members[start:stop], self.map(self.candidates, members[start:stop],
+                                                              origins[start:stop])):
                 held.append((m, part))
                 count += len(part[0])
-            if count >= PAIR_BUDGET or start + GROUP_WINDOW >= len(members):
-                queries = np.concatenate([m for m, _ in held])
-                yield queries, tuple(np.concatenate(x) for x in zip(*(part for _, part in held)))
-                held, count = [], 0
+                if count >= PAIR_BUDGET:
+                    yield self._round(held)
+                    held, count = [], 0
+            start = stop
+        if held:
+            yield self._round(held)
+
+    @staticmethod
+    def _round(held: list[tuple[np.ndarray, tuple[np.ndarray, ...]]]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        return np.concatenate([m for m, _ in held]), tuple(np.concatenate(x) for x in zip(*(part for _, part in held)))
 
     def settle_round(self, queries: np.ndarray, done_q: np.ndarray, done_c: np.ndarray, pq: np.ndarray,
                      pc: np.ndarray, plb: np.ndarray) -> None:
@@ -452,7 +465,8 @@ class _Search:
         tie = (self.second - self.best <= self.best_err + self.max_err) & np.isfinite(self.best) & among
         if not tie.any():
             return
-        sel = tie[pq] & (plb < self.limit()[pq])
+        # <=: a query whose best is an exact match (limit 0) keeps its own cells (bound 0)
+        sel = tie[pq] & (plb <= self.limit()[pq])
         pq, pc = pq[sel], pc[sel]
         order = np.argsort(pc, kind='stable')
         pq, pc = pq[order], pc[order]

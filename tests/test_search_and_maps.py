@@ -83,7 +83,7 @@ def test_pruned_search_in_rounds_of_few_pairs_equals_brute_force(case, monkeypat
             rounds.append(len(found[0]))
             yield found
     monkeypatch.setattr(cell_index, 'PAIR_BUDGET', 1)
-    monkeypatch.setattr(cell_index, 'GROUP_WINDOW', 2)
+    monkeypatch.setattr(cell_index, 'WINDOW_QUERIES', 40)
     monkeypatch.setattr(cell_index._Search, 'candidate_rounds', counted)
     d = nearest_distances(queries, bank, 'exact')
     np.testing.assert_array_equal(d, brute_force(queries, bank).astype(np.float32))
@@ -91,6 +91,20 @@ def test_pruned_search_in_rounds_of_few_pairs_equals_brute_force(case, monkeypat
     groups = np.arange(len(bank)) % 5
     d = nearest_distances(bank[:300], bank, 'exact', query_groups=groups[:300], bank_groups=groups)
     np.testing.assert_array_equal(d, brute_force(bank[:300], bank, groups[:300], groups).astype(np.float32))
+
+
+def test_leave_one_out_among_identical_rows_of_every_group():
+    """Identical codes in every image (a flat background): each query's own row is excluded, an equal row of
+    another image is at distance 0, and float32 ties at distance 0 are settled without a crash."""
+    from codes.cell_index import CellIndex
+    bank = np.concatenate([np.full((3, 4), 0.5, np.float32), np.random.default_rng(3).random((40, 4), np.float32)])
+    groups = np.r_[0, 1, 2, np.arange(40) % 3]
+    ids = CellIndex.build(bank, groups).search(bank, bank, groups, groups)
+    assert np.all(groups[ids] != groups)
+    d = np.sqrt(((bank.astype(np.float64) - bank[ids]) ** 2).sum(1))
+    np.testing.assert_array_equal(d.astype(np.float32), brute_force(bank, bank, groups, groups).astype(np.float32))
+    assert np.all(d[:3] == 0)
+    assert len(CellIndex.build(bank[:0]).rows) == 0          # an empty bank gives an empty index
 
 
 @pytest.mark.parametrize('case', random_banks()[:3], ids=lambda c: c[0])
