@@ -170,10 +170,10 @@ def load_class(files: ClassFiles, resize_filter: str = 'nearest', train: bool = 
     test_images = load_images(files.test, resize_filter, f'{files.obj} test')
     masks = None
     if files.masks is not None:
-        masks = np.zeros((len(files.test), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-        for i, (mask_path, image_path) in enumerate(zip(files.masks, files.test)):
-            if mask_path is not None:
-                masks[i] = load_mask(mask_path, image_path, resize_filter)
+        empty = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+        masks = np.stack(thread_map(lambda pair: empty if pair[0] is None else load_mask(*pair, resize_filter),
+                                    list(zip(files.masks, files.test)), max_workers=min(4, os.cpu_count() or 1),
+                                    desc=f'{files.obj} masks', unit='mask', leave=False, disable=None))
     return LoadedClass(files, train_images, test_images, masks)
 
 
