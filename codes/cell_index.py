@@ -409,15 +409,14 @@ class _Search:
             # 4. near-ties, in float64, over every cell that may hold the neighbour. A round of query groups at a time.
             empty = np.zeros(0, np.int64)
             done_q, done_c = np.concatenate(done_q or [empty]), np.concatenate(done_c or [empty])
-            settled = np.zeros(n, bool)
-            for queries, (pq, pc, plb, stage) in (self.candidate_rounds(members, origins) if k > 1 else ()):
+            # one cell: nothing is left to scan, one round settles every query
+            rounds = (self.candidate_rounds(members, origins) if k > 1 else
+                      [(np.arange(n), (empty, empty, np.zeros(0, np.float32), np.zeros(0, np.int8)))])
+            for queries, (pq, pc, plb, stage) in rounds:
                 self.scan_pairs(pq[stage == 1], pc[stage == 1])
                 rest = (stage == 2) & (plb < self.limit()[pq])
                 self.scan_pairs(pq[rest], pc[rest])
                 self.settle_round(queries, done_q, done_c, pq, pc, plb)
-                settled[queries] = True
-            if not settled.all():
-                self.settle_round(np.flatnonzero(~settled), done_q, done_c, empty, empty, np.zeros(0, np.float32))
         pos = self.best_pos
         ids = np.where(pos >= 0, ix.rows[np.maximum(pos, 0)], -1)
         return ids[self.inverse]

@@ -45,14 +45,14 @@ def pixel_average_precision(masks: np.ndarray, maps: np.ndarray) -> float:
 
 class Ranking:
     """Scores sorted once, highest first, with the last position of each distinct score: ROC AUC, average
-    precision and the PRO curve are all read off this one sort. With `weights`, each score stands for that
-    many items (pixels of a block that all have this score) and `truth` holds how many of them are positive."""
+    precision and the PRO curve are all read off this one sort. With `weight`, each score stands for that
+    many items (the pixels of a block that all have this score) and `truth` holds how many of them are positive."""
 
-    def __init__(self, scores: np.ndarray, weights: np.ndarray | None = None):
+    def __init__(self, scores: np.ndarray, weight: int = 1):
         flat = self.flat = np.asarray(scores).ravel()
         self.order = np.argsort(flat)[::-1]   # the order within ties does not matter: one point per tie
         self.last_of_tie = np.append(np.diff(flat[self.order]) != 0, True)   # one point per distinct threshold
-        self.weights = None if weights is None else np.asarray(weights, np.float64).ravel()
+        self.weight = weight
 
     def cumulative(self, values: np.ndarray) -> np.ndarray:
         """The sum of `values` (one per score) over the scores at or above each distinct threshold."""
@@ -61,9 +61,7 @@ class Ranking:
     def counts(self, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """True and false positives when predicting positive at or above each distinct score."""
         tps = self.cumulative(truth)
-        if self.weights is None:
-            return tps, np.flatnonzero(self.last_of_tie) + 1 - tps
-        return tps, self.cumulative(self.weights) - tps
+        return tps, (np.flatnonzero(self.last_of_tie) + 1) * float(self.weight) - tps
 
     def thresholds(self) -> np.ndarray:
         """The distinct scores, highest first (the thresholds `counts` is taken at)."""
@@ -105,11 +103,7 @@ class Pixels:
         maps = np.asarray(maps)
         self.masks = np.asarray(masks).reshape(maps.shape).astype(bool)
         self.b = b = block_size(maps) if maps.ndim >= 2 else 1
-        if b == 1:
-            self.ranking = Ranking(maps)
-        else:
-            values = maps[..., ::b, ::b]
-            self.ranking = Ranking(values, np.full(values.shape, b * b))
+        self.ranking = Ranking(maps[..., ::b, ::b], b * b)
         self.positives = self.pool(self.masks)
 
     def pool(self, per_pixel: np.ndarray) -> np.ndarray:
