@@ -289,8 +289,10 @@ class Backbone:
         self.std = torch.tensor(spec.normalization[1], device=self.device).view(1, 3, 1, 1)
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
-        return (x - self.mean) / self.std
+        # contiguous NCHW: a permuted (channels-last) tensor runs other convolution kernels, whose features
+        # differ from the plain layout's by up to 1.6e-5 at layer3, enough to change PSDL's OMP supports
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
+        return (x.float() / 255 - self.mean) / self.std
 
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 16) -> dict[str, torch.Tensor]:

@@ -117,3 +117,16 @@ def test_bad_weights_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match='needs torchvision\'s ImageNet weights: pass --backbone_weights'):
         Backbone('resnet18')
     assert packaged_weights('efficientnet_lite0') is not None
+
+
+def test_features_are_the_plain_modules_on_a_contiguous_nchw_input():
+    """A permuted (channels-last) input runs other convolution kernels: layer3 then differs by ~1e-5, enough to
+    change PSDL's OMP supports against the PSDL repository's torchvision pipeline (ToTensor, Normalize: NCHW)."""
+    backbone = Backbone('efficientnet_lite0')
+    images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    plain = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float() / 255
+    with torch.no_grad():
+        expected = backbone.module.features((plain - backbone.mean) / backbone.std)
+    got = backbone.features(images, batch_size=2)
+    for name in ('layer1', 'layer2', 'layer3'):
+        assert torch.equal(got[name], expected[name]), name
