@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--out_dir', default=None, help='where everything goes (default: a new temporary folder)')
     parser.add_argument('--device', default='cpu', help='cpu (default) or cuda')
     args = parser.parse_args(argv)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix='patchsvdd-demo-'))
-    cli.run(lambda: run(out_dir, args.device))
+    cli.run(lambda: run(Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix='patchsvdd-demo-')),
+                        args.device))
 
 
 if __name__ == '__main__':

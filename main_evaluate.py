@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from codes import cli, inspection, methods, mvtecad, reports
+from codes import cli, inspection, methods, metrics, mvtecad, reports
 from codes.checkpoints import file_sha256
 from codes.errors import UserError
 
@@ -36,7 +36,7 @@ def evaluate_method(args: argparse.Namespace) -> dict:
     files = mvtecad.find_class(mvtecad.resolve_data_root(args.data_root), args.obj)
     result, data, backbone = methods.run_method(args, files, device, outputs=((results_dir / args.obj, 'results'),))
     print(methods.result_line(result.method, result.metrics, args.obj))
-    print(reports.metrics_block({result.method: result.metrics}))
+    print(reports.metrics_block({result.method: result.metrics}, metrics.undefined_metrics(files.labels, files.masks)))
     detail = {'psdl': f'{args.psdl_type}' + (f'-{args.layer}' if args.psdl_type == 'single' else '')
               + ('-pooled' if args.pool_classes else ''),
               'padim': f'd{args.padim_d}' if args.padim_d else '',
@@ -72,8 +72,8 @@ def evaluate_one(args: argparse.Namespace) -> dict:
     run = cli.prepare(args, outputs=((results_dir / args.obj, 'results'),))
     result = inspection.evaluate(run.enc, run.bank, run.data, args.nn, run.device, args.batch_size)
     print(inspection.result_line(result.aurocs, args.obj))
-    print(reports.metrics_block(result.metrics))
     files = run.data.files
+    print(reports.metrics_block(result.metrics, metrics.undefined_metrics(files.labels, files.masks)))
     record = {
         'obj': args.obj,
         'aurocs': result.aurocs,

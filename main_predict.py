@@ -18,7 +18,7 @@ from tqdm import tqdm
 from codes import cli, export, model_file, prediction, prediction_outputs
 from codes.errors import UserError
 from codes.files import check_writable
-from codes.memory_bank import default_cache_dir
+from codes.state_cache import cache_dir_for
 
 
 class SomeImagesFailed(UserError):
@@ -55,16 +55,14 @@ def run(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir).expanduser()
     check_writable(out_dir, 'output')
     device = cli.resolve_device(args.device)
-    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
     if args.model:
         model = model_file.load_model(Path(args.model).expanduser(), args.D)
     else:
-        args = argparse.Namespace(**{**vars(args), 'D': args.D or 64, 'nn': args.nn or 'ngt'})
+        args = argparse.Namespace(**{**vars(args), 'D': args.D or 64, 'nn': args.nn or 'exact'})
         model = export.build_model(args, outputs=((out_dir, 'output'),))
     nn = args.nn or model.nn
     loaded = time.perf_counter()
-    if cache_dir is not None and nn == 'ngt':
-        check_writable(cache_dir, 'cache')
     with prediction.open_search(model, nn, cache_dir) as search:
         predictor = prediction.Predictor(model.encoder_module(device), search, model.thresholds, model.resize,
                                          device, args.batch_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 from pathlib import Path
 
@@ -89,8 +90,15 @@ def load_encoder(path: Path, D: int, device: torch.device | str = 'cpu') -> Enco
 def save_module(module: nn.Module, path: Path) -> None:
     """torch.save(state_dict) through a temporary file, so a crash never leaves half a checkpoint."""
     make_dir(path.parent, 'checkpoint')
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_save(path, lambda f: torch.save(state, f))
+    torch_save(path, {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+
+
+def torch_save(path: Path, obj: object) -> None:
+    """torch.save through a temporary file. Serialised in memory first: torch turns a failed write to a file
+    (a full disk) into an unreadable RuntimeError, and the disk's own error is what the user can act on."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_save(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def file_sha256(path: Path) -> str:

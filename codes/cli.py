@@ -15,12 +15,14 @@ from .allocator import keep_freed_memory
 from .backbones import BACKBONES, DEFAULT_BACKBONE, LAYERS
 from .checkpoints import load_encoder, resolve_encoder_path
 from .errors import UserError
-from .files import check_writable
-from .memory_bank import MemoryBank, default_cache_dir, load_or_build
+from .files import WRITE_ERRNOS, check_writable, write_error
+from .memory_bank import MemoryBank, load_or_build
 from .methods import METHODS as METHOD_NAMES
 from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
 from .nearest_neighbor import METHODS
 from .networks import EncoderHier
+from .reports import note_undefined_metrics
+from .state_cache import cache_dir_for, default_cache_dir
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -168,9 +170,10 @@ def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()
     """Checks the inputs and that the (folder, what) outputs can be written, then loads the encoder, the
     memory bank (cached when allowed) and the test set. Folders are created only when written to."""
     device, files, ckpt = resolve_inputs(args)
-    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    for folder, what in outputs + (((cache_dir, 'cache'),) if cache_dir else ()):
+    note_undefined_metrics(files.labels, files.masks)
+    for folder, what in outputs:
         check_writable(folder, what)
+    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
     enc = load_encoder(ckpt, args.D, device)
     times: dict[str, float] = {}
 
@@ -214,6 +217,12 @@ def run(main: Callable[[], None], debug: bool = False) -> None:
             raise
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:
+        # writes go through files.atomic_open, which names the file; this catches a write elsewhere (a library's)
+        if debug or e.errno not in WRITE_ERRNOS:
+            raise
+        print(f'error: {write_error(None, e)}', file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)

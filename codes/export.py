@@ -16,9 +16,10 @@ from .embeddings import iter_batches
 from .errors import UserError
 from .files import check_writable
 from .inspection import score_maps
-from .memory_bank import default_cache_dir, load_or_build
+from .memory_bank import load_or_build
 from .model_file import Model
 from .mvtecad import GOOD, ClassFiles, find_class, list_images, load_class, resolve_data_root
+from .state_cache import cache_dir_for
 from .prediction import Predictor, SearchBank, search_methods
 from .thresholds import compute_thresholds
 
@@ -65,9 +66,9 @@ def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] 
     device = cli.resolve_device(args.device)
     files = find_export_class(resolve_data_root(args.data_root), args.obj)
     ckpt = cli.encoder_path(args)
-    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    for folder, what in outputs + (((cache_dir, 'cache'),) if cache_dir else ()):
+    for folder, what in outputs:
         check_writable(folder, what)
+    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
     enc = load_encoder(ckpt, args.D, device)
     test = load_class(files, args.resize, train=False) if files.test else None   # bad images stop it before writes
     bank, _ = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size)

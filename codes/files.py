@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -34,20 +35,41 @@ def check_writable(folder: Path, what: str) -> None:
         raise UserError(f'{what} folder {folder} is not writable; choose another location')
 
 
+# What to do about a file that cannot be written, by its errno.
+_ADVICE = {errno.ENOSPC: 'free some space there or choose another location',
+           errno.EDQUOT: 'free some space there (disk quota) or choose another location',
+           errno.EROFS: 'the file system is read-only: choose another location',
+           errno.EACCES: 'choose a location you may write to, or change its permissions',
+           errno.EPERM: 'choose a location you may write to, or change its permissions'}
+WRITE_ERRNOS = frozenset(_ADVICE)
+
+
+def write_error(path: Path | str | None, e: OSError) -> UserError:
+    """The one-line error for a file that could not be written: which file, why, and what to do."""
+    advice = _ADVICE.get(e.errno, 'check the location or choose another one')
+    return UserError(f'cannot write {path or e.filename or "a file"}: {e.strerror or e}; {advice}')
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path, mode: str = 'w') -> Iterator[IO]:
-    """Yields a temporary file beside `path`; renames it into place only when the block succeeds."""
+    """Yields a temporary file beside `path`; renames it into place only when the block succeeds. A write
+    that fails (full disk, read-only or forbidden folder) leaves nothing and raises write_error's UserError."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
 
 

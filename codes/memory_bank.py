@@ -22,7 +22,6 @@ import torch
 from . import state_cache
 from .checkpoints import file_sha256
 from .embeddings import embed_images
-from .files import make_dir
 from .mvtecad import ClassFiles, load_images, mean_image
 from .nearest_neighbor import ExactSearch, NGTSearch, make_search
 from .networks import EncoderHier
@@ -71,11 +70,6 @@ def build_bank(enc: EncoderHier, train_images: np.ndarray, device: torch.device 
     return MemoryBank(mean, emb64, emb32)
 
 
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/patchsvdd, else ~/.cache/patchsvdd."""
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'patchsvdd'
-
-
 def bank_key(ckpt: Path, files: ClassFiles, resize: str) -> dict:
     return {'format': BANK_FORMAT, 'checkpoint_sha256': file_sha256(ckpt), 'resize': resize,
             'train': [[p.name, file_sha256(p)] for p in files.train]}
@@ -98,9 +92,8 @@ def load_or_build(enc: EncoderHier, ckpt: Path, files: ClassFiles, resize: str, 
     before_build()
     how = 'rebuilt' if folder.exists() else 'built'
     bank = build_bank(enc, load_images(files.train, resize, f'{files.obj} train'), device, batch_size)
-    make_dir(cache_dir, 'cache')
-    write_entry(folder, key, bank)
-    bank.folder = folder
+    if state_cache.write_new_entry(cache_dir, folder, key, {name: getattr(bank, name) for name in ARRAYS}, BANK_FILE):
+        bank.folder = folder     # where its search indexes go
     return bank, how
 
 
@@ -113,11 +106,6 @@ def read_entry(folder: Path, key: dict, D: int) -> MemoryBank | None:
     if arrays['emb64'].shape[::3] != (n, D) or arrays['emb32'].shape[::3] != (n, D) or arrays['mean'].ndim != 3:
         return None
     return MemoryBank(**{name: arrays[name] for name in ARRAYS}, folder=folder)
-
-
-def write_entry(folder: Path, key: dict, bank: MemoryBank) -> None:
-    """Writes the entry into a temporary folder beside it and renames that into place."""
-    state_cache.write_entry(folder, key, {name: getattr(bank, name) for name in ARRAYS}, BANK_FILE)
 
 
 def bank_checksum(emb: np.ndarray) -> int:

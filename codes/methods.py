@@ -23,12 +23,12 @@ from .backbones import Backbone
 from .checkpoints import file_sha256
 from .errors import UserError
 from .files import check_writable
-from .memory_bank import default_cache_dir
 from .mvtecad import GOOD, ClassFiles, LoadedClass, find_class, load_class_cropped, load_images_cropped
 from .padim import DEFAULT_D, PaDiM
 from .patchcore import PatchCore
 from .psdl import PSDL
-from .state_cache import load_or_fit
+from .reports import note_undefined_metrics
+from .state_cache import cache_dir_for, load_or_fit
 
 METHODS = ('patchsvdd', 'psdl', 'padim', 'patchcore')
 PRETRAINED = METHODS[1:]
@@ -88,17 +88,6 @@ class MethodResult:
     times: dict[str, float] = field(default_factory=dict)
 
 
-def method_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
-                   image_scores: np.ndarray | None) -> dict[str, float | None]:
-    """metrics.map_metrics; when the method scores images otherwise than by the map's maximum (PatchCore),
-    its detection AUROC and F1-max use those scores."""
-    out = metrics.map_metrics(labels, masks, maps)
-    if image_scores is not None:
-        f1, threshold = metrics.f1_max(labels, image_scores)
-        out.update(det=metrics.auroc(labels, image_scores), f1_max=f1, f1_threshold=threshold)
-    return out
-
-
 class Clock:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -110,21 +99,18 @@ class Clock:
         self.last = now
 
 
-def cache_folder(args: argparse.Namespace) -> Path | None:
-    return None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-
-
 def run_method(args: argparse.Namespace, files: ClassFiles, device: torch.device,
                outputs: tuple[tuple[Path, str], ...] = ()) -> tuple[MethodResult, LoadedClass, Backbone]:
     """Fits (or loads the cached state of) --method on the training images, scores the test images and
     measures them. Inputs are checked, and output folders found writable, before any work."""
     clock = Clock()
+    note_undefined_metrics(files.labels, files.masks)
     backbone = Backbone(args.backbone, args.backbone_weights, device)
     method = make_method(args, backbone)
     train = training_files(files, getattr(args, 'pool_classes', False))
-    cache_dir = cache_folder(args)
-    for folder, what in outputs + (((cache_dir, 'cache'),) if cache_dir else ()):
+    for folder, what in outputs:
         check_writable(folder, what)
+    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
     clock.lap('load_backbone')
     data = load_class_cropped(files, method.resize_filter, train=False)    # bad test images stop it before any write
     clock.lap('load_test')
@@ -147,7 +133,7 @@ def run_method(args: argparse.Namespace, files: ClassFiles, device: torch.device
     clock.lap('features_test')
     maps, image_scores = method.score(features)
     clock.lap('score')
-    result_metrics = method_metrics(files.labels, data.masks, maps, image_scores)
+    result_metrics = metrics.map_metrics(files.labels, data.masks, maps, image_scores)
     clock.lap('metrics')
     times = {**clock.times, **{f'fit_{k}': v for k, v in getattr(method, 'times', {}).items()}}
     scores = image_scores if image_scores is not None else metrics.image_scores(maps)

@@ -185,13 +185,38 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT)
     return Pixels(masks, maps).aupro(fpr_limit)
 
 
-def map_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarray) -> dict[str, float | None]:
-    """All metrics of one map; the pixel-level ones are None when the class has no masks."""
-    scores = image_scores(maps)
-    f1, threshold = f1_max(labels, scores)
-    out: dict[str, float | None] = {'det': auroc(labels, scores), 'f1_max': f1,
-                                    'f1_threshold': threshold, 'seg': None, 'aupro': None, 'pixel_ap': None}
-    if masks is not None:
+def has_both_kinds(truth: np.ndarray | None) -> bool:
+    """Whether binary truth holds positives and negatives: ROC AUC, AP and F1-max need both."""
+    return truth is not None and bool(np.any(truth)) and not bool(np.all(truth))
+
+
+def undefined_metrics(labels: np.ndarray, masks: np.ndarray | tuple | None) -> str | None:
+    """Why some metrics of a test set are not defined (one line), or None when all are. `masks` are the
+    masks or their paths (None entries for normal images), so this can be told before any work."""
+    defective = bool(np.any(labels == 1))
+    if not defective:
+        return ('the test set holds normal images only: every metric needs defective test images too, so all are '
+                'n/a (the result files still hold the scores)')
+    pixel = (' and has no ground-truth masks, so the segmentation metrics are n/a too'
+             if masks is None or all(m is None for m in masks) else
+             '; the pixel metrics (Seg, AUPRO, pixel AP) need only masks and are reported')
+    if not bool(np.any(labels == 0)):
+        return ('the test set holds defective images only (no test/good): image AUROC (Det) and F1-max need '
+                f'normal test images too and are n/a{pixel}')
+    return None
+
+
+def map_metrics(labels: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
+                scores: np.ndarray | None = None) -> dict[str, float | None]:
+    """All metrics of one map, None where they are not defined: the image-level ones without both normal and
+    defective test images, the pixel-level ones without masks holding anomalous and normal pixels.
+    `scores`: the method's own image scores, when they are not the map's maximum (PatchCore's)."""
+    out: dict[str, float | None] = dict.fromkeys(('det', 'f1_max', 'f1_threshold', 'seg', 'aupro', 'pixel_ap'))
+    if has_both_kinds(labels):
+        scores = image_scores(maps) if scores is None else scores
+        f1, threshold = f1_max(labels, scores)
+        out.update(det=auroc(labels, scores), f1_max=f1, f1_threshold=threshold)
+    if masks is not None and has_both_kinds(masks):
         pixels = Pixels(masks, maps)     # one sort of the pixels serves the three pixel-level metrics
         out.update(seg=pixels.auroc(), aupro=pixels.aupro(), pixel_ap=pixels.average_precision())
     return out

@@ -22,6 +22,7 @@ import torch
 from .embeddings import embed_images, iter_batches
 from .errors import UserError
 from .files import make_dir
+from .state_cache import try_write
 from .inspection import score_maps
 from .model_file import Model
 from .mvtecad import IMAGE_EXTENSIONS, read_image, resize, to_rgb_array
@@ -115,10 +116,8 @@ def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[Searc
         if nn == 'ngt' and model.ngt32 is not None:     # built beside the memory bank's cache entry
             ngt32 = model.ngt32
         elif nn == 'ngt':
-            if cache_dir is not None and model.bank_id:
-                folder = cache_dir / 'models' / model.bank_id
-                make_dir(folder, 'cache')
-            else:
+            folder = cache_dir / 'models' / model.bank_id if cache_dir is not None and model.bank_id else None
+            if folder is None or not try_write(folder, lambda: make_dir(folder, 'cache')):
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-')))
             ngt32 = folder / 'ngt32'
         yield SearchBank.from_arrays(model.mean, model.emb64, model.emb32, nn, ngt32, model.index)

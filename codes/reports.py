@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from .files import append_csv_row, atomic_open, make_dir, write_json
+from .metrics import undefined_metrics
 
 # The paper's MVTec AD results (AUROC %, detection / segmentation, mult map), SPEC.md.
 PAPER = {'bottle': (98.6, 98.1), 'cable': (90.3, 96.8), 'capsule': (76.7, 95.8), 'carpet': (92.9, 92.6),
@@ -40,15 +42,27 @@ def pct(value: float | None, width: int = 5) -> str:
     return f'{value * 100:{width}.1f}' if value is not None else f'{"n/a":>{width}}'
 
 
-def metrics_block(metrics: dict[str, dict[str, float | None]]) -> str:
-    """The second printed block: AUPRO (FPR <= 0.3), pixel AP and image F1-max for each map."""
+def metrics_block(metrics: dict[str, dict[str, float | None]], note: str | None = None) -> str:
+    """The second printed block: AUPRO (FPR <= 0.3), pixel AP and image F1-max for each map; `note` says why
+    some are n/a (metrics.undefined_metrics)."""
     lines = ['       AUPRO  pixAP  F1max  (F1 threshold)']
     for name, m in metrics.items():
+        threshold = 'n/a' if m['f1_threshold'] is None else f'{m["f1_threshold"]:.4g}'
         lines.append(f'{MAP_LABELS[name]:>5}  {pct(m["aupro"])}  {pct(m["pixel_ap"])}  {pct(m["f1_max"])}  '
-                     f'({m["f1_threshold"]:.4g})')
-    if next(iter(metrics.values()))['seg'] is None:
+                     f'({threshold})')
+    if note:
+        lines.append(f'({note})')
+    elif next(iter(metrics.values()))['seg'] is None:
         lines.append('(no ground-truth masks: segmentation metrics are not available)')
     return '\n'.join(lines)
+
+
+def note_undefined_metrics(labels: np.ndarray, masks: tuple | None) -> str | None:
+    """Says on stderr, before the work, which metrics the test set cannot give (one line); returns that line."""
+    note = undefined_metrics(labels, masks)
+    if note:
+        print(f'note: {note}', file=sys.stderr)
+    return note
 
 
 def write_result(results_dir: Path, obj: str, name: str, record: dict) -> Path:

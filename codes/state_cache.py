@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -19,9 +20,47 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import make_dir
+from .errors import UserError
+from .files import check_writable, make_dir, write_error
 
 State = dict[str, np.ndarray]
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/patchsvdd, else ~/.cache/patchsvdd."""
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'patchsvdd'
+
+
+def warn(message: str) -> None:
+    print(f'warning: {message}', file=sys.stderr)
+
+
+def cache_dir_for(cache_dir: str | Path | None, no_cache: bool) -> Path | None:
+    """The cache folder the flags name (--cache_dir, else the default); None with --no_cache, or when the
+    folder cannot be written: a cache only saves time, so that is one warning line and a run without it."""
+    if no_cache:
+        return None
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        check_writable(folder, 'cache')
+    except UserError as e:
+        warn(f'{e}: this run goes on without a cache (or pass --no_cache)')
+        return None
+    return folder
+
+
+def try_write(what: Path, write: Callable[[], None]) -> bool:
+    """Runs a write into the cache; when it fails (a full disk, a read-only or forbidden folder) says so in one
+    warning line and returns False: the run goes on without the entry, and the write left nothing behind."""
+    try:
+        write()
+        return True
+    except OSError as e:
+        reason = write_error(what, e)
+    except UserError as e:
+        reason = e
+    warn(f'{reason}; the cache was not written, this run goes on without it (or pass --no_cache)')
+    return False
 
 
 def entry_folder(cache_dir: Path, key: dict) -> Path:
@@ -65,6 +104,10 @@ def load_or_fit(cache_dir: Path | None, key: dict, fit: Callable[[], State],
         return state, 'cached'
     how = 'rebuilt' if folder.exists() else 'built'
     state = fit()
-    make_dir(cache_dir, 'cache')
-    write_entry(folder, key, state)
+    write_new_entry(cache_dir, folder, key, state)
     return state, how
+
+
+def write_new_entry(cache_dir: Path, folder: Path, key: dict, state: State, arrays: str = 'state.npz') -> bool:
+    """write_entry, creating the cache folder; False (one warning line, nothing left) when it cannot be written."""
+    return try_write(folder, lambda: (make_dir(cache_dir, 'cache'), write_entry(folder, key, state, arrays)))

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .files import atomic_save
+
 DEFECTS = ('scratch', 'spot')
 
 
@@ -41,6 +43,10 @@ def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple
     return np.asarray(canvas), np.asarray(mask)
 
 
+def save_png(image: np.ndarray, path: Path) -> None:
+    atomic_save(path, lambda f: Image.fromarray(image).save(f, format='PNG'))
+
+
 def make_synthetic_class(root: Path, obj: str = 'synthetic', n_train: int = 10, n_good: int = 4,
                          n_defect: int = 3, size: int = 128, seed: int = 0) -> Path:
     """Writes root/obj/{train/good, test/good, test/<defect>, ground_truth/<defect>} PNGs; returns the class folder."""
@@ -49,12 +55,12 @@ def make_synthetic_class(root: Path, obj: str = 'synthetic', n_train: int = 10, 
     for sub in ['train/good', 'test/good'] + [f'{d}/{k}' for d in ('test', 'ground_truth') for k in DEFECTS]:
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n_train):
-        Image.fromarray(texture(rng, size)).save(folder / 'train' / 'good' / f'{i:03d}.png')
+        save_png(texture(rng, size), folder / 'train' / 'good' / f'{i:03d}.png')
     for i in range(n_good):
-        Image.fromarray(texture(rng, size)).save(folder / 'test' / 'good' / f'{i:03d}.png')
+        save_png(texture(rng, size), folder / 'test' / 'good' / f'{i:03d}.png')
     for kind in DEFECTS:
         for i in range(n_defect):
             image, mask = draw_defect(texture(rng, size), kind, rng)
-            Image.fromarray(image).save(folder / 'test' / kind / f'{i:03d}.png')
-            Image.fromarray(mask).save(folder / 'ground_truth' / kind / f'{i:03d}_mask.png')
+            save_png(image, folder / 'test' / kind / f'{i:03d}.png')
+            save_png(mask, folder / 'ground_truth' / kind / f'{i:03d}_mask.png')
     return folder

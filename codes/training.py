@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import checkpoints, distributed, mvtecad
 from .datasets import DictionaryConcatDataset, to_device, training_datasets
 from .errors import Interrupted, UserError
-from .files import append_csv_row, atomic_save, check_writable, make_dir
+from .files import append_csv_row, check_writable, make_dir
 from .losses import patch_svdd_losses
 from .networks import EncoderHier, PositionClassifier
 
@@ -301,7 +301,7 @@ def save_state(cfg: TrainConfig, modules: dict[str, torch.nn.Module], opt: torch
              'world_size': ctx.world_size if ctx else 1,
              'optimizer': opt.state_dict(), **{k: m.state_dict() for k, m in modules.items()}}
     make_dir(cfg.folder, 'checkpoint')
-    atomic_save(cfg.path('state.pt'), lambda f: torch.save(state, f))
+    checkpoints.torch_save(cfg.path('state.pt'), state)
 
 
 def load_state(cfg: TrainConfig, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,

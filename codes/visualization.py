@@ -69,9 +69,10 @@ def save_roc_figure(data: LoadedClass, maps: np.ndarray, path: Path, map_name: s
     """Image-level and (with masks) pixel-level ROC curves."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     scores = metrics.image_scores(maps)
-    fpr, tpr, _ = roc_curve(data.files.labels, scores)
-    ax.plot(fpr, tpr, label=f'image (AUROC {roc_auc_score(data.files.labels, scores):.3f})')
-    if data.masks is not None:
+    if metrics.has_both_kinds(data.files.labels):
+        fpr, tpr, _ = roc_curve(data.files.labels, scores)
+        ax.plot(fpr, tpr, label=f'image (AUROC {roc_auc_score(data.files.labels, scores):.3f})')
+    if metrics.has_both_kinds(data.masks):
         fpr, tpr, _ = roc_curve(data.masks.ravel(), maps.ravel())
         ax.plot(fpr, tpr, label=f'pixel (AUROC {metrics.segmentation_auroc(data.masks, maps):.3f})')
     ax.plot([0, 1], [0, 1], color='grey', linewidth=0.5, linestyle='--')
@@ -134,11 +135,14 @@ def save_all(data: LoadedClass, maps: np.ndarray, out_dir: Path, normalize: str 
     """Panels, curve figures and index.html for one class; returns what was written. `map_name` labels the
     figures (Patch SVDD's mult map, or the method's name)."""
     panels = save_panels(data, maps, out_dir, normalize)
-    figures = [out_dir / 'roc_curve.png']
-    save_roc_figure(data, maps, figures[0], map_name)
-    if data.masks is not None and data.masks.any():
+    figures = []
+    # each curve needs both kinds: normal and defective images (ROC), normal and anomalous pixels (ROC, PRO)
+    if metrics.has_both_kinds(data.files.labels) or metrics.has_both_kinds(data.masks):
+        figures.append(out_dir / 'roc_curve.png')
+        save_roc_figure(data, maps, figures[-1], map_name)
+    if metrics.has_both_kinds(data.masks):
         figures.append(out_dir / 'pro_curve.png')
-        save_pro_figure(data, maps, figures[1], map_name)
+        save_pro_figure(data, maps, figures[-1], map_name)
     write_index(data, maps, panels, figures, out_dir / 'index.html', map_name)
     return {'panels': panels, 'figures': figures, 'index': out_dir / 'index.html'}
 

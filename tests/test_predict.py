@@ -338,9 +338,12 @@ def test_predict_agrees_with_evaluate_on_real_bottle(shared, bottle_ckpt, tmp_pa
     main_export.main(flags + [f'--out={tmp_path / "bottle_few.safetensors"}'])
     predict_ok(['--model', str(tmp_path / 'bottle_few.safetensors'), '--input', str(cls / 'test'),
                 '--out_dir=with_model', '--no_pictures', '--no_cache'], capsys)
-    predict_ok(flags + ['--input', str(cls / 'test'), '--out_dir=from_flags', '--no_pictures'], capsys)
+    # the data path's default search is evaluation's (exact), not NGT: no --nn here
+    predict_ok([f for f in flags if f != '--nn=exact'] + ['--input', str(cls / 'test'), '--out_dir=from_flags',
+                                                         '--no_pictures'], capsys)
+    assert json.loads((tmp_path / 'from_flags' / 'predictions.json').read_text())['model']['nn'] == 'exact'
     for out in ('with_model', 'from_flags'):
         scores = {r['path']: float(r['score']) for r in read_csv(tmp_path / out / 'predictions.csv')}
         assert sorted(scores) == sorted(expected)
         for path, score in scores.items():
-            assert score == pytest.approx(expected[path], rel=1e-4)
+            assert score == pytest.approx(expected[path], rel=1e-6)
