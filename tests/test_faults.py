@@ -149,11 +149,12 @@ def evaluate_record(argv, capsys) -> tuple[dict, str]:
     return json.loads(Path(path).read_text()), err
 
 
-def test_a_cache_too_small_is_a_warning_and_the_same_results(work, disk, capsys, tmp_path):
-    expected, _ = evaluate_record(work['flags'] + ['--no_cache', f'--results_dir={tmp_path / "r0"}'], capsys)
+@pytest.mark.parametrize('method', ['patchsvdd', 'padim'])
+def test_a_cache_too_small_is_a_warning_and_the_same_results(work, disk, method, capsys, tmp_path):
+    flags = work['flags'] + [f'--method={method}']
+    expected, _ = evaluate_record(flags + ['--no_cache', f'--results_dir={tmp_path / "r0"}'], capsys)
     for run in (1, 2):     # the first run leaves nothing that would stop the next
-        record, err = evaluate_record(work['flags'] + [f'--cache_dir={disk}', f'--results_dir={tmp_path / f"r{run}"}'],
-                                      capsys)
+        record, err = evaluate_record(flags + [f'--cache_dir={disk}', f'--results_dir={tmp_path / f"r{run}"}'], capsys)
         warnings = [line for line in err.splitlines() if line.startswith('warning: ')]
         assert len(warnings) == 1 and 'No space left on device' in warnings[0] and 'without it' in warnings[0]
         assert record['metrics'] == expected['metrics']
