@@ -6,10 +6,14 @@ kept. Fitting: the per-position mean and unbiased covariance + 0.01 I over the t
 Scoring: the Mahalanobis distance of each test position to its Gaussian (batched over positions),
 upsampled bicubic to the input size, smoothed with a Gaussian of sigma 4; the image score is the
 map's maximum.
+Both go a chunk of images at a time: the fit accumulates float64 sums per position (codes/gaussians.py
+GaussianSums), the scores are one batched product per chunk with the inverse Cholesky factors, so
+memory does not grow with the images beyond the backbone's float32 maps.
 """
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 
 from .backbones import LAYERS
 from .errors import UserError
-from .gaussians import fit_gaussians, mahalanobis
+from .gaussians import GaussianSums, whitened_distances, whitening
 from .score_maps import smooth, upsample
 
 SEED = 1024
@@ -35,22 +39,38 @@ def channel_subset(total: int, d: int, seed: int = SEED) -> list[int]:
     return random.Random(seed).sample(range(total), d)
 
 
-def embedding(features: dict[str, torch.Tensor], idx: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """(N, d, H, W) on layer1's grid: [layer1, up(layer2), up(layer3)] channels `idx` (upsampling is per
-    channel, so each layer's chosen channels are upsampled alone, in chunks of images to bound memory)."""
-    sizes = [features[name].shape[1] for name in LAYERS]
-    offsets = np.cumsum([0] + sizes)
+def embedding_chunks(features: dict[str, torch.Tensor], idx: torch.Tensor, chunk: int = 32) -> Iterator[torch.Tensor]:
+    """(n, d, H, W) float32 on layer1's grid, `chunk` images at a time: [layer1, up(layer2), up(layer3)]
+    channels `idx`. Upsampling is per channel, so only each layer's chosen channels are upsampled."""
+    idx = torch.as_tensor(idx)
     grid = features['layer1'].shape[-2:]
-    out = []
-    for start in range(0, len(features['layer1']), chunk):
+    ends = torch.tensor(np.cumsum([features[name].shape[1] for name in LAYERS]))
+    layer = torch.bucketize(idx, ends, right=True)                # each chosen channel's layer
+    picks = [idx[layer == i] - (ends[i - 1] if i else 0) for i in range(len(LAYERS))]
+    # the picks concatenated in layer order are idx[by_layer]; `back` puts them in idx's order again
+    by_layer = torch.argsort(layer, stable=True)
+    back = torch.argsort(by_layer)
+    for first in range(0, len(features['layer1']), chunk):
         parts = []
-        for name, lo, hi in zip(LAYERS, offsets[:-1], offsets[1:]):
-            x = features[name][start:start + chunk]
+        for name, pick in zip(LAYERS, picks):
+            x = features[name][first:first + chunk, pick]
             if x.shape[-2:] != grid:
                 x = F.interpolate(x, size=grid, mode='bicubic', align_corners=False)
             parts.append(x)
-        out.append(torch.cat(parts, dim=1)[:, idx])
-    return torch.cat(out)
+        yield torch.cat(parts, dim=1)[:, back]
+
+
+def embedding(features: dict[str, torch.Tensor], idx: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """(N, d, H, W) on layer1's grid: `embedding_chunks` of all the images."""
+    return torch.cat(list(embedding_chunks(features, idx, chunk)))
+
+
+def by_position(emb: torch.Tensor) -> torch.Tensor:
+    """(n, d, H, W) -> (H * W, n, d) float64, contiguous (one copy)."""
+    n, d, h, w = emb.shape
+    out = torch.empty((h * w, n, d), dtype=torch.float64, device=emb.device)
+    out.copy_(emb.flatten(2).permute(2, 0, 1))
+    return out
 
 
 class PaDiM:
@@ -69,10 +89,15 @@ class PaDiM:
         return {'d': self.d, 'seed': SEED, 'cov_eps': COV_EPS}
 
     def fit(self, features: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        emb = embedding(features, torch.tensor(self.idx)).double()      # (N, d, H, W)
-        mean, cov = fit_gaussians(emb.flatten(2).permute(2, 0, 1), COV_EPS)     # positions (P, N, d)
+        # per image chunk: float64 sums of x and x x^T per position (one batched product), so no float64 copy
+        # of all the images' embeddings is made
+        sums = GaussianSums()
+        for emb in embedding_chunks(features, torch.tensor(self.idx)):
+            sums.add(by_position(emb))
+            grid = emb.shape[-2:]
+        mean, cov = sums.gaussians(COV_EPS)
         # the repository stores float32; so do we, and every later use starts from those values
-        return {'mean': mean.float().numpy(), 'cov': cov.float().numpy(), 'grid': np.array(emb.shape[-2:])}
+        return {'mean': mean.float().numpy(), 'cov': cov.float().numpy(), 'grid': np.array(grid)}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.mean, self.cov, self.grid = state['mean'], state['cov'], tuple(int(v) for v in state['grid'])
@@ -82,11 +107,14 @@ class PaDiM:
                 and state['cov'].shape[1:] == (self.d, self.d) and len(state['mean']) == int(np.prod(state['grid'])))
 
     def patch_scores(self, features: dict[str, torch.Tensor]) -> np.ndarray:
-        """(N, H, W) Mahalanobis distances on layer1's grid."""
-        emb = embedding(features, torch.tensor(self.idx)).double()
-        n, _, h, w = emb.shape
-        dist = mahalanobis(emb.flatten(2).permute(2, 0, 1), torch.from_numpy(self.mean), torch.from_numpy(self.cov))
-        return dist.T.reshape(n, h, w).numpy()
+        """(N, H, W) Mahalanobis distances on layer1's grid, a chunk of images at a time."""
+        mean = torch.from_numpy(self.mean).double()
+        inverse_factor = whitening(torch.from_numpy(self.cov))
+        out = []
+        for emb in embedding_chunks(features, torch.tensor(self.idx)):
+            n, _, h, w = emb.shape
+            out.append(whitened_distances(by_position(emb), mean, inverse_factor).T.reshape(n, h, w))
+        return torch.cat(out).numpy()
 
     def score(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
         """(maps (N, size, size), None: the image score is the map's maximum)."""

@@ -150,3 +150,74 @@ def test_block_constant_maps_ranked_by_block_give_the_per_pixel_metrics(seed, mo
     monkeypatch.setattr(metrics, 'block_size', lambda maps: 1)
     slow = metrics.map_metrics(np.array([1, 0, 1]), masks, maps)
     assert abs(fast['aupro'] - slow['aupro']) <= 1e-9 and fast['aupro'] > 0
+
+
+def plain_pro_curve(masks, maps):
+    """The PRO curve as the argsort of every pixel gives it (this module's algorithm before one sort of
+    values served all the pixel metrics): (FPR, PRO) at every distinct threshold, highest first."""
+    from scipy import ndimage
+    order = np.argsort(maps.ravel())[::-1]
+    last_of_tie = np.append(np.diff(maps.ravel()[order]) != 0, True)
+    fp_weight, pro_weight, n_regions = np.zeros(maps.shape), np.zeros(maps.shape), 0
+    for i, mask in enumerate(masks):
+        labeled, n = ndimage.label(mask, structure=np.ones((3, 3), int))
+        fp_weight[i][labeled == 0] = 1.0
+        if n:
+            pro_weight[i] = np.where(labeled > 0, 1.0 / np.bincount(labeled.ravel())[labeled], 0.0)
+        n_regions += n
+    fpr = np.cumsum(fp_weight.ravel()[order])[last_of_tie] / fp_weight.sum()
+    pro = np.cumsum(pro_weight.ravel()[order])[last_of_tie] / n_regions
+    return np.r_[0.0, np.clip(fpr, None, 1), 1.0], np.r_[0.0, np.clip(pro, None, 1), 1.0]
+
+
+def smooth_maps(seed, n=6, size=48):
+    """Smooth float64 maps (as PSDL's, PaDiM's and PatchCore's: no block structure, nearly no ties) and blob masks,
+    the last image normal."""
+    from scipy.ndimage import gaussian_filter
+    rng = np.random.default_rng(seed)
+    masks = gaussian_filter(rng.standard_normal((n, size, size)), (0, 3, 3)) > 0.12
+    masks[-1] = False
+    maps = gaussian_filter(rng.standard_normal((n, size, size)) + 0.4 * masks, (0, 2, 2))
+    return masks, maps
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_smooth_maps_pixel_metrics_equal_sklearn_and_the_plain_pro(seed):
+    """Pixel AUROC and AP equal scikit-learn's; the PRO curve (every distinct threshold) equals the plain argsort
+    computation's, and AUPRO read off the curve's bend points alone equals the area of that full curve."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    masks, maps = smooth_maps(seed)
+    if seed % 2:     # pairs of float64 scores one ulp apart that round to the same float32: must stay apart
+        maps[:, ::2] = np.nextafter(maps[:, 1::2], np.inf)
+        assert np.all(maps[:, ::2].astype(np.float32) == maps[:, 1::2].astype(np.float32))
+    assert metrics.block_size(maps) == 1
+    pixels = metrics.Pixels(masks, maps)
+    assert abs(pixels.auroc() - roc_auc_score(masks.ravel(), maps.ravel())) <= 1e-12
+    assert abs(pixels.average_precision() - average_precision_score(masks.ravel(), maps.ravel())) <= 1e-12
+    fpr, pro = pixels.pro_curve()
+    plain_fpr, plain_pro = plain_pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr, plain_fpr, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(pro, plain_pro, rtol=0, atol=1e-13)
+    plain = metrics.area_up_to(plain_fpr, plain_pro, metrics.PRO_FPR_LIMIT) / metrics.PRO_FPR_LIMIT
+    assert abs(pixels.aupro() - plain) <= 1e-12 and 0 < plain < 1
+    assert pixels.aupro() == metrics.map_metrics(np.array([1, 1, 1, 1, 1, 0]), masks, maps)['aupro']
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_ranking_sums_at_every_threshold_equal_a_plain_argsort(seed):
+    """The full-curve API (counts, thresholds, cumulative) at every distinct threshold, ties included, against a
+    plain argsort of the scores; ROC AUC and AP read at the bend points alone equal those of the full counts."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random(3000).round(2 + seed)            # ties of several sizes
+    truth = rng.random(3000) < 0.2 + 0.5 * scores
+    values = np.where(truth, rng.random(3000), 0.0)
+    order = np.argsort(scores)[::-1]
+    last_of_tie = np.append(np.diff(scores[order]) != 0, True)
+    ranking = metrics.Ranking(scores)
+    np.testing.assert_array_equal(ranking.thresholds(), scores[order][last_of_tie])
+    tps, fps = ranking.counts(truth)
+    np.testing.assert_array_equal(tps, np.cumsum(truth[order])[last_of_tie])
+    np.testing.assert_array_equal(fps, np.cumsum(~truth[order])[last_of_tie])
+    np.testing.assert_allclose(ranking.cumulative(values), np.cumsum(values[order])[last_of_tie], rtol=1e-13)
+    assert abs(ranking.auroc(truth) - metrics.roc_area(tps, fps)) <= 1e-13
+    assert abs(ranking.average_precision(truth) - metrics.precision_area(tps, fps)) <= 1e-13
