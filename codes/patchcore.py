@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .coreset import k_center_greedy_plain, k_center_greedy_pruned
 from .nearest_neighbor import nearest_distances
 from .score_maps import smooth
-from .threads import one_thread
 
 K_NEIGHBOURS = 9
 PROJECTION_EPS = 0.9
@@ -50,18 +50,11 @@ def project(rows: np.ndarray, seed: int = PROJECTION_SEED) -> np.ndarray:
 
 def k_center_greedy(points: torch.Tensor, n_select: int, first: int = 0) -> np.ndarray:
     """Indices of k-center greedy selection (L2): start at `first`, then repeatedly the point farthest
-    from all selected ones. One vectorised distance update per pick."""
-    points = points.float()
-    norms = (points * points).sum(1)
-    selected = [first]
-    min_dist = torch.full((len(points),), float('inf'))
-    with one_thread():      # one matrix-vector product per pick: too small to share between threads
-        for _ in range(n_select - 1):
-            centre = points[selected[-1]]
-            d = (norms - 2 * (points @ centre) + norms[selected[-1]]).clamp_min(0)
-            torch.minimum(min_dist, d, out=min_dist)
-            selected.append(int(torch.argmax(min_dist)))
-    return np.array(selected, dtype=np.int64)
+    from all selected ones (lowest index among equal distances). On the CPU the pruned greedy
+    (codes/coreset.py), which picks the plain loop's sequence; elsewhere the plain loop."""
+    if points.device.type == 'cpu':
+        return k_center_greedy_pruned(points, n_select, first)
+    return k_center_greedy_plain(points, n_select, first)
 
 
 def reweight(knn: torch.Tensor, max_scores: torch.Tensor) -> torch.Tensor:

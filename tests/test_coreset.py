@@ -1,0 +1,81 @@
+"""The pruned k-center greedy picks exactly the plain greedy's sequence (codes/coreset.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codes.coreset import BLOCK, _Distances, k_center_greedy_plain, k_center_greedy_pruned
+from codes.patchcore import PatchCore, as_rows, k_center_greedy, patch_features
+
+BOTTLE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mvtec' / 'bottle'
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, n_clusters: int) -> np.ndarray:
+    """Gaussian clusters of varied spread, with blocks of exact duplicates."""
+    centres = rng.normal(size=(n_clusters, dim)) * 4
+    x = centres[rng.integers(0, n_clusters, n)] + rng.normal(size=(n, dim)) * rng.uniform(0.05, 1, (n, 1))
+    x[n // 10:n // 10 + n // 20] = x[3]                         # many copies of one point
+    x[n // 2:n // 2 + 7] = x[(n // 2 + 100) % n]
+    return x.astype(np.float32)
+
+
+def same_picks(x: np.ndarray, n_select: int, first: int = 0) -> None:
+    points = torch.from_numpy(x)
+    want = k_center_greedy_plain(points, n_select, first)
+    got = k_center_greedy_pruned(points, n_select, first)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize('n, dim, n_select', [(5000, 16, 300), (4001, 3, 1000), (997, 40, 997), (1500, 8, 1)])
+def test_pruned_equals_plain_on_clustered_data_with_duplicates(n: int, dim: int, n_select: int) -> None:
+    same_picks(clustered(np.random.default_rng(n), n, dim, 30), n_select)
+
+
+def test_pruned_equals_plain_with_exact_ties() -> None:
+    # small integers: every distance is exact, so many distinct points tie and the lowest index must win
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 5, size=(3000, 3)).astype(np.float32)
+    same_picks(x, 400)
+    same_picks(x, 3000, first=17)       # n_select == n: once all are covered, the argmax of zeros is index 0
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, BLOCK - 1, BLOCK, BLOCK + 5])
+def test_pruned_equals_plain_on_tiny_inputs(n: int) -> None:
+    x = clustered(np.random.default_rng(n), max(n, 40), 5, 3)[:n]
+    for n_select in {1, max(1, n // 2), n}:
+        same_picks(x, n_select)
+
+
+def test_recomputed_rows_get_the_full_products_floats() -> None:
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(clustered(rng, 2 * BLOCK * 50 + 13, 152, 20))
+    norms = (x * x).sum(1)
+    dist = _Distances(x)
+    for centre in (0, 7, len(x) - 1):
+        full = (norms - 2 * (x @ x[centre]) + norms[centre]).clamp_min(0).numpy()
+        for k in (1, 3, 5, 100, 1001):
+            rows = rng.choice(len(x), k, replace=False)
+            assert np.array_equal(dist(rows, centre), full[rows])
+
+
+def test_patchcore_greedy_by_hand_and_on_cpu_is_the_pruned() -> None:
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [5.0]])
+    assert k_center_greedy(points, 4).tolist() == [0, 4, 5, 2]
+    assert k_center_greedy_pruned(points, 4).tolist() == [0, 4, 5, 2]
+
+
+@pytest.mark.skipif(not BOTTLE.is_dir(), reason='needs the MVTec bottle images')
+def test_pruned_equals_plain_on_real_patchcore_features() -> None:
+    from codes.backbones import Backbone
+    from codes.mvtecad import find_class, load_images_cropped
+    files = find_class(BOTTLE.parent, 'bottle')
+    images = load_images_cropped(files.train[:10], PatchCore.resize_filter, 'train')
+    rows = as_rows(patch_features(Backbone('efficientnet_lite0', None, 'cpu').features(images, 10))).contiguous()
+    assert rows.shape == (7840, 152)
+    for n_select in (78, 800):          # PatchCore's 1 %, and ten times more picks
+        want = k_center_greedy_plain(rows, n_select)
+        assert k_center_greedy_pruned(rows, n_select).tolist() == want.tolist()
+        assert k_center_greedy(rows, n_select).tolist() == want.tolist()
