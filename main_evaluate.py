@@ -70,21 +70,22 @@ def evaluate_one(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     results_dir = Path(args.results_dir)
     run = cli.prepare(args, outputs=((results_dir / args.obj, 'results'),))
-    result = inspection.evaluate(run.enc, run.bank, run.data, args.nn, run.device, args.batch_size)
-    print(inspection.result_line(result.aurocs, args.obj))
+    result = inspection.evaluate(run.enc, run.bank, run.data, args.nn, run.device, args.batch_size, args.nn_eps)
+    print(inspection.result_line(result.aurocs, args.obj) + reports.search_note(args.nn, args.nn_eps))
     files = run.data.files
     print(reports.metrics_block(result.metrics, metrics.undefined_metrics(files.labels, files.masks)))
     record = {
         'obj': args.obj,
         'aurocs': result.aurocs,
         'metrics': result.metrics,
-        'settings': {'resize': args.resize, 'nn': args.nn, 'D': args.D, 'device': str(run.device),
+        'settings': {'resize': args.resize, 'nn': args.nn, **({'nn_eps': args.nn_eps} if args.nn == 'approx' else {}),
+                     'D': args.D, 'device': str(run.device),
                      'data_root': str(files.folder.parent), 'checkpoint': str(run.ckpt),
                      'checkpoint_sha256': file_sha256(run.ckpt), 'memory_bank': run.bank_source,
                      'n_train': len(files.train), 'n_test': len(files.test), 'has_masks': files.masks is not None},
         'times_s': {**run.times, **result.times, 'total': time.perf_counter() - started},
     }
-    name = reports.run_name(run.ckpt, args.resize, args.nn)
+    name = reports.run_name(run.ckpt, args.resize, args.nn + (f'{args.nn_eps:g}' if args.nn == 'approx' else ''))
     if args.save_maps:
         maps_path = results_dir / args.obj / f'{name}_maps.npz'
         reports.save_maps(maps_path, result.maps, files.labels, files.test, files.masks)

@@ -3,6 +3,8 @@
     python benchmarks/nn_search.py                               # the class (bottle): exact, NGT batch
     python benchmarks/nn_search.py --methods exact,ngt,ngt_single,brute
     python benchmarks/nn_search.py --sizes 100,200,400,800,1600  # banks of that many training images
+    python benchmarks/nn_search.py --methods exact,approx --data_root ../shared/data/kolektor --obj commutator \
+        --ckpt ../shared/ckpts/bottle/enchier.pkl               # exact vs certified approx (--nn_eps, 0.01)
 
 With --sizes, the banks are made of the class's real training images and transformed copies of them
 (flips, shifts, crops: no two alike), embedded by the class's encoder; every test patch of the class
@@ -34,6 +36,7 @@ from codes.nearest_neighbor import NGTSearch, as_rows, distances_to, make_search
 from codes.networks import EncoderHier  # noqa: E402
 
 RECALL_SAMPLE = 500
+EPS = [0.01]     # approx's eps (--nn_eps), set once from the command line (children get it on theirs)
 
 
 def ngt_single(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -54,7 +57,7 @@ def timed_search(method: str, queries: np.ndarray, bank: np.ndarray) -> tuple[np
     if method == 'ngt_single':
         return ngt_single(queries, bank)
     t = time.perf_counter()
-    search = make_search(method).fit(bank)
+    search = make_search(method, eps=EPS[0]).fit(bank)
     built = time.perf_counter() - t
     ids = search.nearest_ids(queries)
     return ids, built, time.perf_counter() - t - built
@@ -84,7 +87,7 @@ def child(bank_file: str, n_rows: int, method: str, query_file: str, out_file: s
 def run_child(bank_file: Path, n_rows: int, method: str, query_file: Path, folder: Path) -> dict:
     out = folder / f'd_{method}_{n_rows}.npy'
     proc = subprocess.Popen([sys.executable, __file__, '--child', str(bank_file), str(n_rows), method,
-                             str(query_file), str(out)], stdout=subprocess.PIPE, text=True)
+                             str(query_file), str(out), str(EPS[0])], stdout=subprocess.PIPE, text=True)
     _, status, _ = os.wait4(proc.pid, 0)
     text = proc.stdout.read()
     if status != 0:
@@ -108,6 +111,12 @@ def variant(image: np.ndarray, copy: int) -> np.ndarray:
     out = np.asarray(Image.fromarray(np.ascontiguousarray(out[y:y + crop, x:x + crop])).resize((side, side),
                                                                                                Image.BILINEAR))
     return np.roll(out, ((copy * 3) % 9, (copy * 5) % 9), axis=(0, 1))
+
+
+def max_ratio(found: np.ndarray, truth: np.ndarray) -> float:
+    """The largest found / nearest distance ratio (approx certifies at most 1 + eps); 0/0 counts as 1."""
+    found, truth = found.astype(np.float64), truth.astype(np.float64)
+    return float(np.max(np.where(truth > 0, found / np.where(truth > 0, truth, 1), np.where(found > 0, np.inf, 1))))
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -148,17 +157,18 @@ def sizes_table(args, data, enc) -> None:
             truth = nearest_distances(qs, np.load(bank_file, mmap_mode='r')[:n_rows], 'brute')
             for method in methods:
                 if method == 'ngt' and n_rows > args.ngt_max_images * 57 * 57:
-                    rows.append([label, f'{n_rows:,}', method, 'not run', '', '', '', ''])
+                    rows.append([label, f'{n_rows:,}', method, 'not run', '', '', '', '', ''])
                     continue
                 print(f'{label}: {method}...', flush=True)
                 r = run_child(bank_file, n_rows, method, query_file, folder)
                 rows.append([label, f'{n_rows:,}', method, f'{r["build"]:.1f}', f'{r["query"]:.1f}',
                              f'{r["build"] + r["query"]:.1f}', f'{r["peak_gib"]:.2f}',
-                             f'{recall(r["distances"][sample], truth):.4f}'])
+                             f'{recall(r["distances"][sample], truth):.4f}',
+                             f'{max_ratio(r["distances"][sample], truth):.5f}'])
                 print('  ' + ' | '.join(rows[-1][3:]), flush=True)
     print(f'\n## K=32 search by bank size ({len(queries):,} queries: every test patch of {args.obj}; '
           f'recall on {RECALL_SAMPLE} of them against float64 brute force)\n')
-    columns = ['bank', 'rows', 'search', 'build s', 'query s', 'total s', 'peak GiB', 'recall@1']
+    columns = ['bank', 'rows', 'search', 'build s', 'query s', 'total s', 'peak GiB', 'recall@1', 'max d / nearest']
     print('| ' + ' | '.join(columns) + ' |')
     print('|' + '---|' * len(columns))
     for row in rows:
@@ -179,9 +189,10 @@ def class_table(args, data, enc) -> None:
     reference = results.get('brute', results.get('exact'))[0]
     s64 = nearest_distances(te64, bank.emb64, 'exact')
     print(f'\n## K=32 search, {args.obj}: {len(train32):,} training patches, {len(queries):,} queries, D=64\n')
-    names = {'exact': 'exact (pruned cells, default)', 'ngt': 'NGT batch (`--nn ngt`)',
+    names = {'exact': 'exact (pruned cells, default)', 'approx': f'approx (`--nn approx`, eps {EPS[0]})', 'ngt': 'NGT batch (`--nn ngt`)',
              'ngt_single': 'NGT one query at a time (the original)', 'brute': 'brute force, float64'}
-    columns = ['search', 'build s', 'query s', 'total s', 'recall@1', 'det_mult', 'seg_mult', 'largest AUROC diff']
+    columns = ['search', 'build s', 'query s', 'total s', 'speed-up (exact query s / query s)', 'recall@1', 'max d / nearest',
+               'det_mult', 'seg_mult', 'largest AUROC diff']
     print('| ' + ' | '.join(columns) + ' |')
     print('|' + '---|' * len(columns))
     base = inspection.aurocs(inspection.score_maps(s64, reference.reshape(te32.shape[:-1])), data.files.labels,
@@ -190,21 +201,26 @@ def class_table(args, data, enc) -> None:
         a = inspection.aurocs(inspection.score_maps(s64, dist.reshape(te32.shape[:-1])), data.files.labels,
                               data.masks)
         print('| ' + ' | '.join([names.get(method, method), f'{built:.1f}', f'{queried:.1f}', f'{built + queried:.1f}',
-                                 f'{recall(dist, reference):.4f}', f'{a["det_mult"]:.4f}', f'{a["seg_mult"]:.4f}',
+                                 (f'{results["exact"][2] / queried:.2f}x' if 'exact' in results else ''),
+                                 f'{recall(dist, reference):.4f}', f'{max_ratio(dist, reference):.5f}',
+                                 f'{a["det_mult"]:.4f}', f'{a["seg_mult"]:.4f}',
                                  f'{max(abs(a[k] - base[k]) for k in a):.4f}']) + ' |')
     print('\nrecall and AUROC differences are against ' + ('brute force' if 'brute' in results else 'exact'))
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == '--child':
+        EPS[0] = float(sys.argv[7])
         child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
         return
     parser = class_parser(__doc__)
     parser.add_argument('--methods', default=None,
-                        help='searches to run: exact, ngt, ngt_single, brute (default exact,ngt)')
+                        help='searches to run: exact, approx, ngt, ngt_single, brute (default exact,ngt)')
     parser.add_argument('--sizes', default=None, help='comma list of bank sizes in training images')
     parser.add_argument('--ngt_max_images', type=int, default=400, help='with --sizes: largest bank NGT builds')
+    parser.add_argument('--nn_eps', type=float, default=EPS[0], help=f'approx: certified ratio 1 + eps (default {EPS[0]})')
     args = parser.parse_args()
+    EPS[0] = args.nn_eps
     args.methods = args.methods or 'exact,ngt'
     data = mvtecad.load_class(mvtecad.find_class(Path(args.data_root), args.obj), args.resize)
     enc = load_encoder(checkpoint_path(args), 64)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ PAIR_BUDGET = 8_000_000
 SCAN_BLOCK = 1 << 18    # distances per matrix product when scanning a cell (1 MB: measured best of 64k-1M)
 WINDOW_QUERIES = 32768  # queries whose candidates are computed together (in parallel), a group or more at a time
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
+SLOW_SEARCH_S = 60.0    # an exact search estimated to take longer than this suggests --nn approx (one line)
 
 
 def row_hashes(x: np.ndarray) -> np.ndarray:
@@ -170,10 +173,12 @@ class CellIndex:
         return self.centred
 
     def search(self, bank: np.ndarray, queries: np.ndarray, query_groups: np.ndarray | None = None,
-               bank_groups: np.ndarray | None = None) -> np.ndarray:
+               bank_groups: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
         """Index of a nearest bank row for each query row (float32 (n, D)); with groups, rows of the query's
-        own group are never its neighbour (-1 where no row is left)."""
-        return _Search(self, bank, queries, query_groups, bank_groups).run()
+        own group are never its neighbour (-1 where no row is left). eps > 0: a row at most (1 + eps) times
+        as far as the nearest (certified: a cell is skipped only when (1 + eps) times a rigorous lower bound
+        on its rows' distances reaches the found row's rigorous upper bound); eps = 0: exact."""
+        return _Search(self, bank, queries, query_groups, bank_groups, eps).run()
 
 
 @contextlib.contextmanager
@@ -263,8 +268,14 @@ class _Search:
     scanned cell's centroid), their error bounds, and every (query, cell) pair that may hold its neighbour."""
 
     def __init__(self, index: CellIndex, bank: np.ndarray, queries: np.ndarray,
-                 query_groups: np.ndarray | None, bank_groups: np.ndarray | None):
+                 query_groups: np.ndarray | None, bank_groups: np.ndarray | None, eps: float = 0.0):
         self.ix = index
+        if not eps >= 0:
+            raise ValueError(f'eps must be >= 0, not {eps}')
+        self.eps = float(eps)
+        # float32 factor with fl(bound * relax) <= bound * (1 + eps): the two roundings (of the factor and of
+        # the product, 2^-24 each) are covered by the 2^-21 taken off
+        self.relax = np.float32((1 + self.eps) * (1 - 2.0 ** -21)) if self.eps > 0 else None
         self.bank = np.ascontiguousarray(bank, np.float32)
         self.D = self.bank.shape[1]
         self.gamma = gamma(self.D)
@@ -338,6 +349,10 @@ class _Search:
         for result in self.map(self.scan_cell, [int(c) for c in pc[np.r_[0, cuts]]], np.split(pq, cuts)):
             self.merge(*result)
 
+    def relaxed(self, bound):
+        """The lower bound as the stopping rule uses it: times (1 + eps) (rounded down) when approximate."""
+        return bound if self.relax is None else bound * self.relax
+
     def limit(self, t: np.ndarray | slice = slice(None)) -> np.ndarray:
         """No row nearer than this can exist for the query beyond what it has found (float32 error included)."""
         return np.sqrt(self.best[t] + self.best_err[t])
@@ -371,7 +386,7 @@ class _Search:
         vor = (low[r, c] - up_j[r] - self.margin[c] - 2 * g * between ** 2) / (2 * between)
         bound = torch.maximum(tri[r, c], torch.nan_to_num(vor, nan=0.0, posinf=0.0, neginf=0.0)).clamp_(min=0)
         bound = bound * (1 - 2.0 ** -20) - 2.0 ** -20 * self.radius[c]        # the bound's own rounding
-        keep = (bound < limit[r]) & (c != jr)
+        keep = (self.relaxed(bound) < limit[r]) & (c != jr)
         r, c, bound = r[keep].numpy(), c[keep].numpy(), bound[keep].numpy()
         # the EARLY_CELLS most promising cells of each query are scanned first, to tighten its limit
         order = np.lexsort((bound, r))
@@ -412,14 +427,30 @@ class _Search:
             # one cell: nothing is left to scan, one round settles every query
             rounds = (self.candidate_rounds(members, origins) if k > 1 else
                       [(np.arange(n), (empty, empty, np.zeros(0, np.float32), np.zeros(0, np.int8)))])
+            started, answered, warned = time.perf_counter(), 0, False
             for queries, (pq, pc, plb, stage) in rounds:
                 self.scan_pairs(pq[stage == 1], pc[stage == 1])
-                rest = (stage == 2) & (plb < self.limit()[pq])
+                rest = (stage == 2) & (self.relaxed(plb) < self.limit()[pq])
                 self.scan_pairs(pq[rest], pc[rest])
                 self.settle_round(queries, done_q, done_c, pq, pc, plb)
+                answered += len(queries)
+                warned = warned or self.warn_if_slow(time.perf_counter() - started, answered, n)
         pos = self.best_pos
         ids = np.where(pos >= 0, ix.rows[np.maximum(pos, 0)], -1)
         return ids[self.inverse]
+
+    def warn_if_slow(self, elapsed: float, answered: int, n: int) -> bool:
+        """After a round: one line on stderr when the exact search's remaining time, extrapolated from the
+        queries answered so far, exceeds SLOW_SEARCH_S. True once it has spoken (or never will)."""
+        remaining = elapsed * (n - answered) / max(answered, 1)
+        if self.eps > 0 or answered >= n:
+            return True
+        if remaining <= SLOW_SEARCH_S:
+            return False
+        print(f'exact search: about {remaining:.0f} s left for {n - answered:,} of {n:,} distinct queries '
+              f'(the cells barely prune on this bank); --nn approx (certified within 1 + --nn_eps of the nearest '
+              f'distance) is usually several times faster', file=sys.stderr, flush=True)
+        return True
 
     def candidate_rounds(self, members: list[np.ndarray], origins: list[int]):
         """(queries, (query, cell, lower bound, stage) pairs) for runs of consecutive query groups whose pairs
@@ -462,6 +493,11 @@ class _Search:
         float64 over every cell that may hold their neighbour; float64 ties go to the lowest sorted position,
         whatever the order."""
         tie = (self.second - self.best <= self.best_err + self.max_err) & np.isfinite(self.best) & among
+        if self.eps > 0:
+            # approx: no settling where float32 already certifies the ratio: the row found is within
+            # best + best_err, every scanned row beyond best - max_err, every skipped one beyond limit / (1 + eps)
+            hi = (self.best.astype(np.float64) + self.best_err) * (1 + 2.0 ** -20)
+            tie &= ~(hi <= (1 + self.eps) ** 2 * (self.best.astype(np.float64) - self.max_err))
         if not tie.any():
             return
         # <=: a query whose best is an exact match (limit 0) keeps its own cells (bound 0)

@@ -92,10 +92,16 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def add_search_args(parser: argparse.ArgumentParser, batch_size: int = 8,
                     batch_help: str = 'images per encoder pass') -> None:
+    from .nearest_neighbor import DEFAULT_EPS
     parser.add_argument('--nn', choices=METHODS, default='exact',
                         help='nearest-neighbour search: exact = exact and deterministic at both K (default; pruned '
                              'k-means cells on the CPU, brute force on a GPU); ngt = exact at K=64 and NGT at K=32, '
-                             "as the original (the paper's figures); brute = blockwise float64 brute force (slow)")
+                             "as the original (the paper's figures); approx = the exact search's cells, stopping "
+                             'once no unscanned row can be nearer than 1/(1 + --nn_eps) of the found distance '
+                             '(certified; several times faster where the cells barely prune); brute = blockwise '
+                             'float64 brute force (slow)')
+    parser.add_argument('--nn_eps', type=non_negative_float, default=DEFAULT_EPS,
+                        help=f'--nn approx: every distance is at most (1 + eps) times the nearest (default {DEFAULT_EPS})')
     parser.add_argument('--batch_size', type=positive_int, default=batch_size, help=f'{batch_help} (default {batch_size})')
     parser.add_argument('--cache_dir', default=None,
                         help=f'memory bank cache (default {default_cache_dir()}, or $XDG_CACHE_HOME/patchsvdd)')

@@ -13,7 +13,7 @@ from . import metrics
 from .embeddings import STRIDE_32, STRIDE_64, embed_images
 from .memory_bank import MemoryBank
 from .mvtecad import IMAGE_SIZE, LoadedClass
-from .nearest_neighbor import distances_to, as_rows
+from .nearest_neighbor import DEFAULT_EPS, as_rows, distances_to
 from .networks import EncoderHier
 
 MAP_NAMES = ('64', '32', 'sum', 'mult')
@@ -75,16 +75,17 @@ def search_methods(nn: str) -> tuple[str, str]:
     return ('exact', 'ngt') if nn == 'ngt' else (nn, nn)
 
 
-def patch_scores(bank: MemoryBank, emb: np.ndarray, K: str, method: str, device: torch.device | str = 'cpu'
-                 ) -> np.ndarray:
-    """Distance of each test patch code (..., D) to its nearest K bank row, with the bank's (cached) search."""
+def patch_scores(bank: MemoryBank, emb: np.ndarray, K: str, method: str, device: torch.device | str = 'cpu',
+                 eps: float = DEFAULT_EPS) -> np.ndarray:
+    """Distance of each test patch code (..., D) to its nearest K bank row, with the bank's (cached) search
+    (`eps`: approx's certified ratio 1 + eps)."""
     rows = as_rows(emb)
-    ids = bank.search(K, method, device).nearest_ids(rows, desc=f'search K={K}')
+    ids = bank.search(K, method, device, eps=eps).nearest_ids(rows, desc=f'search K={K}')
     return distances_to(rows, as_rows(bank.emb64 if K == '64' else bank.emb32), ids).reshape(emb.shape[:-1])
 
 
 def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'exact',
-                 device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
+                 device: torch.device | str = 'cpu', batch_size: int = 8, eps: float = DEFAULT_EPS) -> Evaluation:
     """Patch scores of the test images against the memory bank, and the four maps (metrics left empty).
 
     The K=32 search (its cell index read from the bank's cache entry, or built) is made ready on a
@@ -103,22 +104,22 @@ def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn
 
     def ready(K: str, method: str):
         started = time.perf_counter()
-        search = bank.search(K, method, device, background=True)
+        search = bank.search(K, method, device, background=True, eps=eps)
         times[f'nn{K}_index'] = time.perf_counter() - started
         return search
 
     device = torch.device(device)
     method64, method32 = search_methods(nn)
-    overlap = method32 == 'exact' and device.type != 'cuda'
+    overlap = method32 in ('exact', 'approx') and device.type != 'cuda'
     with ThreadPoolExecutor(max_workers=1) as background:
         pending32 = background.submit(ready, '32', method32) if overlap else None
         te64, te32 = embed_images(enc, test_images, bank.mean, device, batch_size, desc='embed test')
         lap('embed_test')
-        s64 = patch_scores(bank, te64, '64', method64, device)
+        s64 = patch_scores(bank, te64, '64', method64, device, eps)
         lap('nn64')
         if pending32 is not None:
             pending32.result()
-        s32 = patch_scores(bank, te32, '32', method32, device)
+        s32 = patch_scores(bank, te32, '32', method32, device, eps)
         lap('nn32')   # with the overlap: what was left of readying the index, and the queries
     maps = score_maps(s64, s32)
     lap('maps')
@@ -126,9 +127,9 @@ def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn
 
 
 def evaluate(enc: EncoderHier, bank: MemoryBank, data: LoadedClass, nn: str = 'exact',
-             device: torch.device | str = 'cpu', batch_size: int = 8) -> Evaluation:
+             device: torch.device | str = 'cpu', batch_size: int = 8, eps: float = DEFAULT_EPS) -> Evaluation:
     """The original's `eval_encoder_NN_multiK`: the maps and all their metrics."""
-    result = anomaly_maps(enc, bank, data.test, nn, device, batch_size)
+    result = anomaly_maps(enc, bank, data.test, nn, device, batch_size, eps)
     started = time.perf_counter()
     result.metrics = assess(result.maps, data.files.labels, data.masks)
     result.times['metrics'] = time.perf_counter() - started

@@ -23,7 +23,7 @@ from . import state_cache
 from .checkpoints import file_sha256
 from .embeddings import embed_images
 from .mvtecad import ClassFiles, load_images, mean_image
-from .nearest_neighbor import ExactSearch, NGTSearch, make_search
+from .nearest_neighbor import DEFAULT_EPS, ApproxSearch, ExactSearch, NGTSearch, make_search
 from .networks import EncoderHier
 
 BANK_FORMAT = 1
@@ -44,13 +44,18 @@ class MemoryBank:
         """Where the NGT index of emb32 is (or is to be) kept."""
         return None if self.folder is None else self.folder / 'ngt32'
 
-    def search(self, K: str, method: str, device: torch.device | str = 'cpu', background: bool = False):
+    def search(self, K: str, method: str, device: torch.device | str = 'cpu', background: bool = False,
+               eps: float = DEFAULT_EPS):
         """The fitted search object of method over the K ('64' or '32') bank, ready to query: from this run,
         else from the cache entry, else built (and added to the entry). `background`: the caller runs on
-        another thread than torch's work (the exact search then leaves torch's thread count alone)."""
+        another thread than torch's work (the exact search then leaves torch's thread count alone).
+        `eps`: approx's certified ratio; approx shares the exact search's cell index."""
         device = torch.device(device)
-        key = (K, method, str(device))
-        if key not in self.searches:
+        key = (K, method, str(device)) + ((float(eps),) if method == 'approx' else ())
+        if method == 'approx' and device.type != 'cuda':
+            if key not in self.searches:
+                self.searches[key] = ApproxSearch.of(self.search(K, 'exact', device, background), eps)
+        elif key not in self.searches:
             emb = self.emb64 if K == '64' else self.emb32
             if method == 'exact' and device.type != 'cuda':
                 search = (cached_exact_search(emb, self.folder / f'exact{K}.npz', device, background)
@@ -59,7 +64,7 @@ class MemoryBank:
             elif method == 'ngt' and K == '32':
                 self.searches[key] = NGTSearch(self.ngt32).fit(emb)
             else:
-                self.searches[key] = make_search(method, device).fit(emb)
+                self.searches[key] = make_search(method, device, eps=eps).fit(emb)
         return self.searches[key]
 
 
@@ -115,7 +120,7 @@ def bank_checksum(emb: np.ndarray) -> int:
 
 def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device, background: bool = False) -> ExactSearch:
     """The exact search over `emb` with its cell index read from `path` when that file is sound and was built
-    on this very bank; otherwise built and written there (temporary file, then rename)."""
+    on this very bank; otherwise built and written there (a failed write is one warning, and the run goes on)."""
     checksum = bank_checksum(emb)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -127,6 +132,12 @@ def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device, backg
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile):
         pass
     search = ExactSearch(device).fit(emb, background=background)
+    state_cache.try_write(path, lambda: write_index(path, search, checksum))
+    return search
+
+
+def write_index(path: Path, search: ExactSearch, checksum: int) -> None:
+    """The exact search's index beside the bank (temporary file, then rename; nothing left on failure)."""
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.npz', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:
@@ -135,4 +146,3 @@ def cached_exact_search(emb: np.ndarray, path: Path, device: torch.device, backg
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return search

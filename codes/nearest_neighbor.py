@@ -4,6 +4,9 @@ One function, `nearest_distances`, and one small search object per method (fit /
 - `exact` (default): on the CPU, the pruned exact search of `cell_index.py` (k-means cells, bounds,
   float32 scans settled in float64): the truly nearest row, the same on every run and thread count;
   on CUDA, brute force in large float64 blocks on the GPU (23.5 TFLOP for bottle is seconds there);
+- `approx`: the same cells with the relaxed stopping rule `(1 + eps) * bound >= best` (eps: `--nn_eps`):
+  every returned distance is certified to be at most (1 + eps) times the nearest one (float32 errors
+  included); several times faster where the cells barely prune (nearly constant codes, texture-like classes);
 - `brute`: blockwise float64 brute force on any device, the test oracle;
 - `ngt`: NGT's graph index (ANNG, L2, edge sizes 10/40: the original's settings), approximate; it
   replays the original's search for the paper's figures.
@@ -23,8 +26,10 @@ from tqdm import tqdm
 from .cell_index import CellIndex
 from .embeddings import iter_batches
 from .errors import UserError
+from .state_cache import warn
 
-METHODS = ('exact', 'ngt', 'brute')
+METHODS = ('exact', 'approx', 'ngt', 'brute')
+DEFAULT_EPS = 0.01        # approx: certified distance ratio 1 + eps
 # Blocks of queries x bank rows for brute force: small enough to stay in cache on a CPU, large on a GPU.
 CPU_BLOCKS = (1024, 1024)
 CUDA_BLOCKS = (8192, 65536)
@@ -83,6 +88,7 @@ class BruteForceSearch:
 class ExactSearch:
     """Exact nearest neighbours: the pruned cell index on the CPU, brute force on a GPU."""
     name = 'exact'
+    eps = 0.0
 
     def __init__(self, device: torch.device | str = 'cpu', index: CellIndex | None = None):
         self.device = torch.device(device)
@@ -112,9 +118,9 @@ class ExactSearch:
             return BruteForceSearch(self.device).fit(self.bank).nearest_ids(queries, query_groups, bank_groups, desc)
         if query_groups is not None and (self.groups is None or not np.array_equal(self.groups, bank_groups)):
             # the cached index merged equal rows of different groups: leave-one-out needs them apart
-            return ExactSearch(self.device).fit(self.bank, bank_groups).nearest_ids(queries, query_groups,
-                                                                                    bank_groups, desc)
-        return self.index.search(self.bank, queries, query_groups, bank_groups)
+            other = ExactSearch(self.device).fit(self.bank, bank_groups)
+            return other.index.search(self.bank, queries, query_groups, bank_groups, self.eps)
+        return self.index.search(self.bank, queries, query_groups, bank_groups, self.eps)
 
     def arrays(self) -> dict[str, np.ndarray] | None:
         """The index's arrays, for caching beside the bank (None on a GPU, where no index is needed)."""
@@ -129,6 +135,26 @@ class ExactSearch:
             return None
         search = cls(device, index)
         search.bank = as_rows(bank)
+        return search
+
+
+class ApproxSearch(ExactSearch):
+    """The exact search's cells with the relaxed stopping rule: every returned row is at most (1 + eps) times
+    as far as the nearest (certified, float32 errors included), deterministic; eps = 0 is the exact search.
+    It shares the exact search's cell index (and its cache file). On a GPU: brute force (exact)."""
+    name = 'approx'
+
+    def __init__(self, device: torch.device | str = 'cpu', index: CellIndex | None = None, eps: float = DEFAULT_EPS):
+        super().__init__(device, index)
+        if not eps >= 0:
+            raise UserError(f'--nn_eps must be >= 0, not {eps}')
+        self.eps = float(eps)
+
+    @classmethod
+    def of(cls, exact: ExactSearch, eps: float = DEFAULT_EPS) -> ApproxSearch:
+        """The approximate search over a fitted exact search's bank and index (nothing is rebuilt)."""
+        search = cls(exact.device, exact.index, eps)
+        search.bank, search.groups = exact.bank, exact.groups
         return search
 
 
@@ -148,7 +174,13 @@ class NGTSearch:
             self._tmp = tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-')
             self.index = self.build(bank, Path(self._tmp.name) / 'index')
         else:
-            self.index = self.cached(bank, self.path)
+            try:
+                self.index = self.cached(bank, self.path)
+            except (OSError, RuntimeError) as e:    # ngtpy reports a failed write as RuntimeError
+                warn(f'cannot write the NGT index {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; '
+                     'this run builds it in a temporary folder (or pass --no_cache)')
+                self.path = None
+                return self.fit(bank)
         return self
 
     @staticmethod
@@ -206,10 +238,13 @@ class NGTSearch:
         return None
 
 
-def make_search(method: str, device: torch.device | str = 'cpu', ngt_path: Path | None = None):
-    """An unfitted search object for `method`."""
+def make_search(method: str, device: torch.device | str = 'cpu', ngt_path: Path | None = None,
+                eps: float = DEFAULT_EPS):
+    """An unfitted search object for `method` (`eps`: approx's certified ratio 1 + eps)."""
     if method == 'exact':
         return ExactSearch(device)
+    if method == 'approx':
+        return ApproxSearch(device, eps=eps)
     if method == 'brute':
         return BruteForceSearch(device)
     if method == 'ngt':
@@ -220,14 +255,14 @@ def make_search(method: str, device: torch.device | str = 'cpu', ngt_path: Path 
 def nearest_distances(queries: np.ndarray, bank: np.ndarray, method: str = 'exact',
                       device: torch.device | str = 'cpu', desc: str = 'search',
                       ngt_path: Path | None = None, query_groups: np.ndarray | None = None,
-                      bank_groups: np.ndarray | None = None, search=None) -> np.ndarray:
+                      bank_groups: np.ndarray | None = None, search=None, eps: float = DEFAULT_EPS) -> np.ndarray:
     """For embeddings `queries` (..., D) and `bank` (M, D): the distance to the nearest bank row, float32 (...).
 
     `search`: a search object already fitted on `bank` (e.g. cached with the memory bank), else one is
     fitted here. With `ngt_path`, the NGT index is opened from there if it exists, else built there.
     With `query_groups` (one int per query row) and `bank_groups` (one per bank row), a bank row is never
     the neighbour of a query of the same group (leave-one-image-out scoring; `exact` and `brute` only);
-    a query left with no row gets infinity.
+    a query left with no row gets infinity. `eps`: approx's certified ratio (other methods ignore it).
     """
     flat = as_rows(queries)
     bank = as_rows(bank)
@@ -237,7 +272,7 @@ def nearest_distances(queries: np.ndarray, bank: np.ndarray, method: str = 'exac
         query_groups = np.asarray(query_groups, np.int64).reshape(-1)
         bank_groups = np.asarray(bank_groups, np.int64).reshape(-1)
     if search is None:
-        search = make_search(method, device, ngt_path)
+        search = make_search(method, device, ngt_path, eps)
         if isinstance(search, ExactSearch) and query_groups is not None:
             search.fit(bank, bank_groups)
         else:

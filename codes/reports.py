@@ -27,6 +27,13 @@ def run_name(ckpt: Path, resize: str, nn: str) -> str:
     return f'{stamp}_{ckpt.stem}_{resize}_{nn}'
 
 
+def search_note(nn: str, eps: float) -> str:
+    """What the result line adds when the search is not the default exact one, e.g. ` [search: approx, eps 0.01]`."""
+    if nn == 'exact':
+        return ''
+    return f' [search: {nn}' + (f', eps {eps:g}]' if nn == 'approx' else ']')
+
+
 def method_run_name(method: str, backbone: str, detail: str = '') -> str:
     """e.g. `20261125-040000_psdl_efficientnet_lite0_single-layer3`."""
     stamp = dt.datetime.now().strftime('%Y%m%d-%H%M%S')

@@ -42,16 +42,27 @@ def exit_2(main, argv, capsys) -> str:
     return err.strip()
 
 
+def mount_tmpfs(mount: Path, size: str) -> Path:
+    mount.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f'cannot mount a small tmpfs ({done.stderr.strip()}): the full-disk tests need root')
+    return mount
+
+
 @pytest.fixture
 def disk(tmp_path):
     """A 2 MiB tmpfs mounted for the test (it needs root, as CI runs): a real file system that fills up."""
-    mount = tmp_path / 'disk'
-    mount.mkdir()
-    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f'cannot mount a small tmpfs ({done.stderr.strip()}): the full-disk tests need root')
-    yield mount
-    subprocess.run(['umount', '-l', str(mount)], check=False)
+    yield mount_tmpfs(tmp_path / 'disk', '2m')
+    subprocess.run(['umount', '-l', str(tmp_path / 'disk')], check=False)
+
+
+@pytest.fixture
+def big_disk(tmp_path):
+    """A 256 MiB tmpfs: room for a memory bank, to be filled afterwards."""
+    yield mount_tmpfs(tmp_path / 'big_disk', '256m')
+    subprocess.run(['umount', '-l', str(tmp_path / 'big_disk')], check=False)
 
 
 def fill(folder: Path) -> None:
@@ -159,6 +170,22 @@ def test_a_cache_too_small_is_a_warning_and_the_same_results(work, disk, method,
         assert len(warnings) == 1 and 'No space left on device' in warnings[0] and 'without it' in warnings[0]
         assert record['metrics'] == expected['metrics']
         assert leftovers(disk) == []
+
+
+def test_a_search_index_that_does_not_fit_beside_a_cached_bank_is_a_warning(work, big_disk, capsys, tmp_path):
+    flags = work['flags'] + [f'--cache_dir={big_disk}']
+    expected, _ = evaluate_record(flags + [f'--results_dir={tmp_path / "r0"}'], capsys)
+    indexes = sorted(big_disk.rglob('exact*.npz'))
+    assert [p.name for p in indexes] == ['exact32.npz', 'exact64.npz']
+    for p in indexes:
+        p.unlink()
+    fill(big_disk)
+    before = leftovers(big_disk)
+    record, err = evaluate_record(flags + [f'--results_dir={tmp_path / "r1"}'], capsys)
+    warnings = [line for line in err.splitlines() if line.startswith('warning: ')]
+    assert len(warnings) == 2 and all('No space left on device' in w and 'exact' in w for w in warnings), err
+    assert record['settings']['memory_bank'] == 'cached' and record['metrics'] == expected['metrics']
+    assert leftovers(big_disk) == before
 
 
 def test_a_read_only_cache_folder_is_a_warning(work, capsys, tmp_path):

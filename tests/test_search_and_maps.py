@@ -162,7 +162,7 @@ def test_ngt_finds_nearly_all_nearest_neighbours(points, tmp_path):
 
 def test_unknown_search_method_is_refused(points):
     queries, bank = points
-    with pytest.raises(UserError, match="--nn must be one of exact, ngt, brute, not 'faiss'"):
+    with pytest.raises(UserError, match="--nn must be one of exact, approx, ngt, brute, not 'faiss'"):
         nearest_distances(queries, bank, 'faiss')
 
 
