@@ -40,7 +40,11 @@ ROW_CHUNK = 1 << 16     # rows per step when centring the bank (bounds the float
 # cells per query); a bank whose cells prune well (~8 per query) is done in one round.
 PAIR_BUDGET = 8_000_000
 SCAN_BLOCK = 1 << 18    # distances per matrix product when scanning a cell (1 MB: measured best of 64k-1M)
+FEW_QUERIES = 32        # cells with at most this many queries to scan are scanned several at a time
 WINDOW_QUERIES = 32768  # queries whose candidates are computed together (in parallel), a group or more at a time
+# Below this many queries per cell (a single image's), queries are grouped by one of about sqrt(k) tops rather
+# than by a near centroid: a group's set-up (distances to every centroid) is then paid ~sqrt(k) times, not k
+SPARSE_QUERIES = 16
 EARLY_CELLS = 2         # cells each query scans right after its nearest, before the rest are pruned
 SLOW_SEARCH_S = 60.0    # an exact search estimated to take longer than this suggests --nn approx (one line)
 
@@ -96,6 +100,7 @@ class CellIndex:
     n_bank: int               # rows of the bank it was built from
     centred: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # ^ the sorted rows minus their centroid (float32) and their squared norms, made on first search
+    coarse: Coarse | None = field(default=None, repr=False)     # groups of centroids, made on first search
 
     # ---- building
     @classmethod
@@ -172,6 +177,11 @@ class CellIndex:
             self.centred = torch.from_numpy(out), torch.from_numpy(np.einsum('ij,ij->i', out, out))
         return self.centred
 
+    def coarse_groups(self) -> Coarse:
+        if self.coarse is None:
+            self.coarse = Coarse.of(self.centroids)
+        return self.coarse
+
     def search(self, bank: np.ndarray, queries: np.ndarray, query_groups: np.ndarray | None = None,
                bank_groups: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
         """Index of a nearest bank row for each query row (float32 (n, D)); with groups, rows of the query's
@@ -215,38 +225,55 @@ def relative_sqdist(points: np.ndarray, origin: np.ndarray, centroids: np.ndarra
     return d, pn, cn
 
 
-def coarse_home(source: np.ndarray, idx: np.ndarray, centroids: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A centroid near each point source[idx] (not necessarily the nearest), cheaply: the nearest of ~sqrt(k)
-    groups of centroids, then the nearest within that group. It only serves as an origin for `relative_sqdist`."""
-    k = len(centroids)
-    origin = centroids.mean(0)
-    if k <= 64:
-        return np.concatenate([relative_sqdist(source[idx[sl]], origin, centroids)[0].numpy().argmin(1)
+@dataclass
+class Coarse:
+    """About sqrt(k) groups of centroids (k-means over the centroids): `tops` (t, D) float64, and the group
+    of each centroid. A cheap way to a centroid near a point, and origins for queries spread thin."""
+    origin: np.ndarray        # (D,) the centroids' mean
+    tops: np.ndarray | None   # (t, D) float64; None when k <= 64 (every centroid is compared directly)
+    group_of: np.ndarray | None
+
+    @classmethod
+    def of(cls, centroids: np.ndarray, seed: int = 0) -> Coarse:
+        k, origin = len(centroids), centroids.mean(0)
+        if k <= 64:
+            return cls(origin, None, None)
+        import faiss
+        km = faiss.Kmeans(centroids.shape[1], round(math.sqrt(k)), niter=10, seed=seed, verbose=False,
+                          min_points_per_centroid=1)
+        km.train((centroids - origin).astype(np.float32))
+        tops = km.centroids.astype(np.float64) + origin
+        return cls(origin, tops, relative_sqdist(centroids, origin, tops)[0].numpy().argmin(1))
+
+    def top(self, source: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """The nearest top of each point source[idx] (tops must exist)."""
+        return np.concatenate([relative_sqdist(source[idx[sl]], self.origin, self.tops)[0].numpy().argmin(1)
                                for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
-    import faiss
-    km = faiss.Kmeans(centroids.shape[1], round(math.sqrt(k)), niter=10, seed=seed, verbose=False,
-                      min_points_per_centroid=1)
-    km.train((centroids - origin).astype(np.float32))
-    tops = km.centroids.astype(np.float64) + origin
-    group_of = relative_sqdist(centroids, origin, tops)[0].numpy().argmin(1)
-    top = np.concatenate([relative_sqdist(source[idx[sl]], origin, tops)[0].numpy().argmin(1)
-                          for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
-    out = np.empty(len(idx), np.int64)
-    for t in np.unique(top):
-        members = np.flatnonzero(group_of == t)
-        if len(members) == 0:
-            members = np.arange(k)
-        pts = np.flatnonzero(top == t)
-        for sl in _chunks(len(pts)):
-            near = relative_sqdist(source[idx[pts[sl]]], tops[t], centroids[members])[0].numpy().argmin(1)
-            out[pts[sl]] = members[near]
-    return out
+
+    def home(self, source: np.ndarray, idx: np.ndarray, centroids: np.ndarray, top: np.ndarray | None = None
+             ) -> np.ndarray:
+        """A centroid near each point source[idx] (not necessarily the nearest): the nearest of the tops, then the nearest
+        centroid of that top's group. It only serves as an origin for `relative_sqdist`."""
+        if self.tops is None:
+            return np.concatenate([relative_sqdist(source[idx[sl]], self.origin, centroids)[0].numpy().argmin(1)
+                                   for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
+        top = self.top(source, idx) if top is None else top
+        out = np.empty(len(idx), np.int64)
+        for t in np.unique(top):
+            members = np.flatnonzero(self.group_of == t)
+            if len(members) == 0:
+                members = np.arange(len(centroids))
+            pts = np.flatnonzero(top == t)
+            for sl in _chunks(len(pts)):
+                near = relative_sqdist(source[idx[pts[sl]]], self.tops[t], centroids[members])[0].numpy().argmin(1)
+                out[pts[sl]] = members[near]
+        return out
 
 
 def assign(bank: np.ndarray, keep: np.ndarray, centroids: np.ndarray, pmap=map) -> tuple[np.ndarray, np.ndarray]:
     """The nearest centroid of each kept bank row, computed relative to a nearby centroid (so its float32
     error is small), and the distance from that nearby centroid to the chosen one (the error margin's scale)."""
-    home = coarse_home(bank, keep, centroids)
+    home = Coarse.of(centroids).home(bank, keep, centroids)
     order = np.argsort(home, kind='stable')
     bounds = np.searchsorted(home[order], np.arange(len(centroids) + 1))
     groups = [(a, order[bounds[a]:bounds[a + 1]][sl]) for a in range(len(centroids))
@@ -288,8 +315,6 @@ class _Search:
             self.qgroups = np.asarray(query_groups, np.int64).reshape(-1)
             self.bgroups = np.asarray(bank_groups, np.int64).reshape(-1)[index.rows]
         self.q = queries[self.keep]
-        self.qt = torch.from_numpy(self.q)
-        self.c32 = torch.from_numpy(index.centroids.astype(np.float32))
         n = len(self.q)
         self.best = np.full(n, np.inf, np.float32)
         self.second = np.full(n, np.inf, np.float32)
@@ -297,6 +322,8 @@ class _Search:
         self.max_err = np.zeros(n, np.float32)          # largest error bound of any row scanned for the query
         self.best_pos = np.full(n, -1, np.int64)        # sorted position of the best row
         self.rows, self.row_norms = index.centre(self.bank)
+        self.qt = torch.from_numpy(self.q)
+        self.c32 = torch.from_numpy(index.centroids.astype(np.float32))
         self.radius = torch.from_numpy(index.radius).float()
         self.between = torch.cdist(torch.from_numpy(index.centroids), torch.from_numpy(index.centroids)).float()
         self.margin = self.gamma * (4 * torch.from_numpy(index.radius) ** 2
@@ -329,25 +356,77 @@ class _Search:
         err = (qn + np.float32(self.ix.radius[c]) ** 2) * np.float32(self.gamma)
         return qi, v1 + qn, i1 + lo, v2 + qn, err
 
+    def scan_cells(self, cells: np.ndarray, parts: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """scan_cell for several cells with few queries each, in one batched product: the cells' rows padded
+        to the longest (padding at infinite distance), their queries to the most numerous."""
+        ix, m = self.ix, len(cells)
+        lo, sizes = ix.starts[cells], ix.starts[cells + 1] - ix.starts[cells]
+        counts = np.array([len(p) for p in parts])
+        L, Q = int(sizes.max()), int(counts.max())
+        valid = np.arange(L) < sizes[:, None]
+        idx = np.where(valid, lo[:, None] + np.arange(L), lo[:, None])         # (m, L) sorted positions
+        tidx, tcells = torch.from_numpy(idx), torch.from_numpy(cells)
+        norms = self.row_norms[tidx].masked_fill_(torch.from_numpy(~valid), float('inf'))
+        qvalid = np.arange(Q) < counts[:, None]
+        qidx = np.zeros((m, Q), np.int64)
+        qidx[qvalid] = np.concatenate(parts)
+        q = self.qt[torch.from_numpy(qidx)] - self.c32[tcells][:, None, :]      # (m, Q, D)
+        qn = (q * q).sum(2).numpy()
+        s = torch.baddbmm(norms[:, None, :], q, self.rows[tidx].transpose(1, 2), alpha=-2).numpy()   # (m, Q, L)
+        if self.bgroups is not None:
+            s[self.qgroups[qidx][:, :, None] == self.bgroups[idx][:, None, :]] = np.inf
+        best = s.argmin(2)
+        v1 = np.take_along_axis(s, best[..., None], 2)[..., 0]
+        np.put_along_axis(s, best[..., None], np.float32(np.inf), 2)
+        v2 = s.min(2)
+        err = (qn + ix.radius[cells].astype(np.float32)[:, None] ** 2) * np.float32(self.gamma)
+        return qidx[qvalid], (v1 + qn)[qvalid], (best + lo[:, None])[qvalid], (v2 + qn)[qvalid], err[qvalid]
+
     def merge(self, qi: np.ndarray, v1: np.ndarray, pos: np.ndarray, v2: np.ndarray, err: np.ndarray) -> None:
-        """Folds one cell's results into the queries' state (in cell order: ties keep the earlier row)."""
-        old1, old2 = self.best[qi], self.second[qi]
-        better = v1 < old1
-        self.second[qi] = np.where(better, np.minimum(old1, v2), np.minimum(old2, v1))
-        self.best[qi] = np.where(better, v1, old1)
-        self.best_pos[qi] = np.where(better, pos, self.best_pos[qi])
-        self.best_err[qi] = np.where(better, err, self.best_err[qi])
-        self.max_err[qi] = np.maximum(self.max_err[qi], err)
+        """Folds scan results (a query may appear several times) into the queries' state. As if merged one row
+        at a time in sorted order: on equal distances the earlier row (lower position) is kept."""
+        if len(qi) == 0:
+            return
+        order = np.lexsort((pos, v1, qi))
+        qi, v1, pos, v2, err = qi[order], v1[order], pos[order], v2[order], err[order]
+        first = np.flatnonzero(np.r_[True, qi[1:] != qi[:-1]])
+        uq, b1 = qi[first], v1[first]
+        # the second smallest of the new values: the best entry's own second, or the next entry's best
+        nxt = np.minimum(first + 1, len(qi) - 1)
+        b2 = np.minimum(v2[first], np.where((first + 1 < len(qi)) & (qi[nxt] == uq), v1[nxt], np.float32(np.inf)))
+        old1, old2 = self.best[uq], self.second[uq]
+        better = b1 < old1
+        self.second[uq] = np.where(better, np.minimum(old1, b2), np.minimum(old2, b1))
+        self.best[uq] = np.where(better, b1, old1)
+        self.best_pos[uq] = np.where(better, pos[first], self.best_pos[uq])
+        self.best_err[uq] = np.where(better, err[first], self.best_err[uq])
+        self.max_err[uq] = np.maximum(self.max_err[uq], np.maximum.reduceat(err, first))
 
     def scan_pairs(self, pq: np.ndarray, pc: np.ndarray) -> None:
-        """Scans every (query, cell) pair: one matrix product per cell, cells in parallel, merged in order."""
+        """Scans every (query, cell) pair: a cell with many queries in its own products, cells with few
+        together (grouped by size so that little is padded), jobs in parallel, merged at once."""
         if len(pq) == 0:
             return
         order = np.argsort(pc, kind='stable')
         pq, pc = pq[order], pc[order]
         cuts = np.flatnonzero(np.diff(pc)) + 1
-        for result in self.map(self.scan_cell, [int(c) for c in pc[np.r_[0, cuts]]], np.split(pq, cuts)):
-            self.merge(*result)
+        cells, parts = pc[np.r_[0, cuts]], np.split(pq, cuts)
+        counts = np.diff(np.r_[0, cuts, len(pq)])
+        sizes = self.ix.starts[cells + 1] - self.ix.starts[cells]
+        jobs = [(self.scan_cell, (int(c), p)) for c, p, n in zip(cells, parts, counts) if n > FEW_QUERIES]
+        few = np.flatnonzero(counts <= FEW_QUERIES)
+        few = few[np.argsort(sizes[few], kind='stable')]
+        start, L, Q = 0, 0, 0
+        for i, j in enumerate(few):
+            L2, Q2 = max(L, int(sizes[j])), max(Q, int(counts[j]))
+            if i > start and (i - start + 1) * L2 * max(Q2, self.D // 4) > SCAN_BLOCK:
+                jobs.append((self.scan_cells, (cells[few[start:i]], [parts[t] for t in few[start:i]])))
+                start, L2, Q2 = i, int(sizes[j]), int(counts[j])
+            L, Q = L2, Q2
+        if len(few) > start:
+            jobs.append((self.scan_cells, (cells[few[start:]], [parts[t] for t in few[start:]])))
+        results = list(self.map(lambda job: job[0](*job[1]), jobs))
+        self.merge(*(np.concatenate(x) for x in zip(*results)))
 
     def relaxed(self, bound):
         """The lower bound as the stopping rule uses it: times (1 + eps) (rounded down) when approximate."""
@@ -357,20 +436,20 @@ class _Search:
         """No row nearer than this can exist for the query beyond what it has found (float32 error included)."""
         return np.sqrt(self.best[t] + self.best_err[t])
 
-    def nearest_cells(self, qi: np.ndarray, origin: int) -> np.ndarray:
+    def nearest_cells(self, qi: np.ndarray, origin: np.ndarray) -> np.ndarray:
         """Each query's nearest centroid, from distances taken relative to centroid `origin` (near them)."""
-        return relative_sqdist(self.q[qi], self.ix.centroids[origin], self.ix.centroids)[0].numpy().argmin(1)
+        return relative_sqdist(self.q[qi], origin, self.ix.centroids)[0].numpy().argmin(1)
 
-    def next_cells(self, qi: np.ndarray, origin: int, count: int = 8) -> np.ndarray:
+    def next_cells(self, qi: np.ndarray, origin: np.ndarray, count: int = 8) -> np.ndarray:
         """The `count` nearest centroids of each query (for queries whose nearest cell held no usable row)."""
-        d = relative_sqdist(self.q[qi], self.ix.centroids[origin], self.ix.centroids)[0]
+        d = relative_sqdist(self.q[qi], origin, self.ix.centroids)[0]
         return torch.topk(d, min(count, len(self.ix.centroids)), dim=1, largest=False)[1].numpy()
 
-    def candidates(self, qi: np.ndarray, origin: int) -> tuple[np.ndarray, ...]:
+    def candidates(self, qi: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, ...]:
         """(query, cell, lower bound, stage) of every cell that may still hold a row nearer than what each query
         has found; stage 1: scan next, 2: scan if still needed. Reads the state, writes nothing."""
         ix, g = self.ix, self.gamma
-        d, qn, cn = relative_sqdist(self.q[qi], ix.centroids[origin], ix.centroids)
+        d, qn, cn = relative_sqdist(self.q[qi], origin, ix.centroids)
         jn = d.numpy().argmin(1)
         j = torch.from_numpy(jn)
         limit = torch.from_numpy(self.limit(qi))
@@ -399,10 +478,16 @@ class _Search:
         ix, n, k = self.ix, len(self.q), len(self.ix.centroids)
         with worker_pool() as pmap:
             self.map = pmap
-            home = coarse_home(self.q, np.arange(n), ix.centroids)
-            order = np.argsort(home, kind='stable')
-            cuts = np.searchsorted(home[order], np.arange(k + 1))
-            groups = [(a, order[cuts[a]:cuts[a + 1]][sl]) for a in range(k)
+            # queries in groups, each computed relative to one origin near its members (float32 keeps the
+            # small differences): a near centroid, or for queries spread thin a top
+            coarse = ix.coarse_groups()
+            if coarse.tops is not None and n < SPARSE_QUERIES * k:
+                key, origin_of = coarse.top(self.q, np.arange(n)), coarse.tops
+            else:
+                key, origin_of = coarse.home(self.q, np.arange(n), ix.centroids), ix.centroids
+            order = np.argsort(key, kind='stable')
+            cuts = np.searchsorted(key[order], np.arange(len(origin_of) + 1))
+            groups = [(origin_of[a], order[cuts[a]:cuts[a + 1]][sl]) for a in range(len(origin_of))
                       for sl in _chunks(int(cuts[a + 1] - cuts[a]), 8192)]
             origins, members = [a for a, _ in groups], [m for _, m in groups]
             # 1. each query's nearest cell
@@ -452,7 +537,7 @@ class _Search:
               f'distance) is usually several times faster', file=sys.stderr, flush=True)
         return True
 
-    def candidate_rounds(self, members: list[np.ndarray], origins: list[int]):
+    def candidate_rounds(self, members: list[np.ndarray], origins: list[np.ndarray]):
         """(queries, (query, cell, lower bound, stage) pairs) for runs of consecutive query groups whose pairs
         together reach PAIR_BUDGET; each group's candidates are computed once its own nearest cell is scanned.
         Groups are computed (in parallel) a window of at most WINDOW_QUERIES queries at a time."""

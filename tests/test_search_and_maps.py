@@ -93,6 +93,25 @@ def test_pruned_search_in_rounds_of_few_pairs_equals_brute_force(case, monkeypat
     np.testing.assert_array_equal(d, brute_force(bank[:300], bank, groups[:300], groups).astype(np.float32))
 
 
+@pytest.mark.parametrize('few, sparse', [(0, 0), (10 ** 9, 10 ** 9)], ids=['per cell, near origins',
+                                                                        'batched cells, top origins'])
+def test_either_way_of_scanning_and_grouping_equals_brute_force(few, sparse, monkeypatch):
+    """Cells scanned one product each or several padded into one batched product, queries grouped around a
+    near centroid or around one of the coarse tops (a single image's few queries): the same nearest rows,
+    leave-one-out included."""
+    from codes import cell_index
+    monkeypatch.setattr(cell_index, 'FEW_QUERIES', few)
+    monkeypatch.setattr(cell_index, 'SPARSE_QUERIES', sparse)
+    for _, bank, queries in [random_banks()[i] for i in (1, 3)]:
+        index = cell_index.CellIndex.build(bank)
+        assert len(index.centroids) > 64        # so that the coarse tops exist
+        d = nearest_distances(queries, bank, 'exact')
+        np.testing.assert_array_equal(d, brute_force(queries, bank).astype(np.float32))
+        groups = np.arange(len(bank)) % 5
+        d = nearest_distances(bank[:300], bank, 'exact', query_groups=groups[:300], bank_groups=groups)
+        np.testing.assert_array_equal(d, brute_force(bank[:300], bank, groups[:300], groups).astype(np.float32))
+
+
 def test_leave_one_out_among_identical_rows_of_every_group():
     """Identical codes in every image (a flat background): each query's own row is excluded, an equal row of
     another image is at distance 0, and float32 ties at distance 0 are settled without a crash."""
