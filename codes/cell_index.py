@@ -251,14 +251,13 @@ class Coarse:
         return np.concatenate([relative_sqdist(source[idx[sl]], self.origin, self.tops)[0].numpy().argmin(1)
                                for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
 
-    def home(self, source: np.ndarray, idx: np.ndarray, centroids: np.ndarray, top: np.ndarray | None = None
-             ) -> np.ndarray:
-        """A centroid near each point source[idx] (not necessarily the nearest): the nearest of the tops, then the nearest
-        centroid of that top's group. It only serves as an origin for `relative_sqdist`."""
+    def home(self, source: np.ndarray, idx: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+        """A centroid near each point source[idx] (not necessarily the nearest): the nearest of the tops, then
+        the nearest centroid of that top's group. It only serves as an origin for `relative_sqdist`."""
         if self.tops is None:
             return np.concatenate([relative_sqdist(source[idx[sl]], self.origin, centroids)[0].numpy().argmin(1)
                                    for sl in _chunks(len(idx))] or [np.zeros(0, np.int64)])
-        top = self.top(source, idx) if top is None else top
+        top = self.top(source, idx)
         out = np.empty(len(idx), np.int64)
         for t in np.unique(top):
             members = np.flatnonzero(self.group_of == t)
