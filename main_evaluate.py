@@ -1,7 +1,8 @@
 """Evaluate Patch SVDD encoders: `python main_evaluate.py --obj=bottle --epochs=300`,
 or a method on a pre-trained backbone: `python main_evaluate.py --obj=bottle --method=psdl`.
 
---obj takes one class, a comma list, or `all` (the 15 MVTec AD classes found under the data root).
+--obj takes one class, a comma list, or `all` (the 15 MVTec AD classes found under the data root);
+--method one method, a comma list, or `all` (one table of method x metrics and times at the end).
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from codes import cli, inspection, methods, metrics, mvtecad, reports
+from codes import cli, inspection, metrics, mvtecad, reports, runs
+from codes.methods import patchsvdd
+from codes.methods.backbone import run_method
 from codes.checkpoints import file_sha256
 from codes.errors import UserError
 
@@ -23,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--results_dir', default='results', help='where result files go (default results)')
     parser.add_argument('--save_maps', action='store_true',
                         help='also write the four 256x256 maps, labels and mask paths to results/<obj>/<run>_maps.npz')
-    cli.add_method_args(parser)
+    cli.add_method_args(parser, several=True)
     cli.add_run_args(parser)
     return parser.parse_args(argv)
 
@@ -34,8 +37,8 @@ def evaluate_method(args: argparse.Namespace) -> dict:
     results_dir = Path(args.results_dir)
     device = cli.resolve_device(args.device)
     files = mvtecad.find_class(mvtecad.resolve_data_root(args.data_root), args.obj)
-    result, data, backbone = methods.run_method(args, files, device, outputs=((results_dir / args.obj, 'results'),))
-    print(methods.result_line(result.method, result.metrics, args.obj))
+    result, data, backbone = run_method(args, files, device, outputs=((results_dir / args.obj, 'results'),))
+    print(reports.result_line({result.method: (result.metrics['det'], result.metrics['seg'])}, args.obj))
     print(reports.metrics_block({result.method: result.metrics}, metrics.undefined_metrics(files.labels, files.masks)))
     detail = {'psdl': f'{args.psdl_type}' + (f'-{args.layer}' if args.psdl_type == 'single' else '')
               + ('-pooled' if args.pool_classes else ''),
@@ -55,7 +58,8 @@ def evaluate_method(args: argparse.Namespace) -> dict:
     name = reports.method_run_name(result.method, backbone.name, detail)
     if args.save_maps:
         maps_path = results_dir / args.obj / f'{name}_maps.npz'
-        reports.save_maps(maps_path, {result.method: result.maps}, files.labels, files.test, files.masks)
+        reports.save_maps(maps_path, {result.method: result.maps}, result.image_scores, files.labels, files.test,
+                          files.masks)
         record['maps_npz'] = str(maps_path)
         print(f'maps written to {maps_path}')
     path = reports.write_result(results_dir, args.obj, name, record)
@@ -69,7 +73,7 @@ def evaluate_one(args: argparse.Namespace) -> dict:
         return evaluate_method(args)
     started = time.perf_counter()
     results_dir = Path(args.results_dir)
-    run = cli.prepare(args, outputs=((results_dir / args.obj, 'results'),))
+    run = patchsvdd.prepare(args, outputs=((results_dir / args.obj, 'results'),))
     result = inspection.evaluate(run.enc, run.bank, run.data, args.nn, run.device, args.batch_size, args.nn_eps)
     print(inspection.result_line(result.aurocs, args.obj) + reports.search_note(args.nn, args.nn_eps))
     files = run.data.files
@@ -88,7 +92,8 @@ def evaluate_one(args: argparse.Namespace) -> dict:
     name = reports.run_name(run.ckpt, args.resize, args.nn + (f'{args.nn_eps:g}' if args.nn == 'approx' else ''))
     if args.save_maps:
         maps_path = results_dir / args.obj / f'{name}_maps.npz'
-        reports.save_maps(maps_path, result.maps, files.labels, files.test, files.masks)
+        reports.save_maps(maps_path, result.maps, result.maps['mult'].max(axis=(1, 2)), files.labels, files.test,
+                          files.masks)
         record['maps_npz'] = str(maps_path)
         print(f'maps written to {maps_path}')
     path = reports.write_result(results_dir, args.obj, name, record)
@@ -96,39 +101,30 @@ def evaluate_one(args: argparse.Namespace) -> dict:
     return record
 
 
-def classes(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(classes to evaluate, requested classes not found under the data root)."""
-    root = mvtecad.resolve_data_root(args.data_root)
-    wanted = list(mvtecad.OBJS) if args.obj == 'all' else [o.strip() for o in args.obj.split(',') if o.strip()]
-    present = [o for o in wanted if (root / o).is_dir()]
-    return present, [o for o in wanted if o not in present]
-
-
 def run(args: argparse.Namespace) -> None:
-    if args.obj != 'all' and ',' not in args.obj:
+    methods = cli.methods_of(args)
+    if args.obj != 'all' and ',' not in args.obj and len(methods) == 1:
         evaluate_one(args)
         return
-    if args.ckpt and args.method == 'patchsvdd':
+    if args.ckpt and runs.several_classes(args) and 'patchsvdd' in methods:
         raise UserError('--ckpt names one checkpoint; for several classes use --ckpt_dir (holding <obj>/enchier.pkl) '
                         'or --epochs')
-    present, missing = classes(args)
-    if missing:
-        print(f'not found under the data root, skipped: {", ".join(missing)}')
-    if not present:
-        raise UserError(f'none of the classes {args.obj!r} is under the data root')
+    present = runs.classes(args)
     records, failed = [], []
     for obj in present:
-        print(f'== {obj}')
-        try:
-            records.append(evaluate_one(argparse.Namespace(**{**vars(args), 'obj': obj})))
-        except UserError as e:   # one class's problem does not stop the others
-            print(f'error: {e}', file=sys.stderr)
-            failed.append(obj)
+        for one in runs.method_runs(args, obj):
+            print(f'== {obj}' + (f' {one.method}' if len(methods) > 1 else ''))
+            try:
+                records.append(evaluate_one(one))
+            except UserError as e:   # one class's (or method's) problem does not stop the others
+                print(f'error: {e}', file=sys.stderr)
+                failed.append(f'{obj}/{one.method}' if len(methods) > 1 else obj)
     if records:
         print()
-        print(reports.markdown_table(records))
+        print(reports.method_table(records, times=True) if len(methods) > 1 else reports.markdown_table(records))
     if failed:
-        raise UserError(f'{len(failed)} of {len(present)} classes failed: {", ".join(failed)} (see above)')
+        what = 'runs' if len(methods) > 1 else 'classes'
+        raise UserError(f'{len(failed)} of {len(present) * len(methods)} {what} failed: {", ".join(failed)} (see above)')
 
 
 def main(argv: list[str] | None = None) -> None:

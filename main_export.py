@@ -1,8 +1,8 @@
 """Export a portable model file for prediction: `python main_export.py --obj=bottle --out=bottle.safetensors`.
 
-From a class's checkpoint and its images (the same flags as main_evaluate.py) it writes one file with
-the encoder, the memory bank, the decision thresholds and the normalisation; main_predict.py --model
-then needs nothing else.
+From a class's images (the same flags as main_evaluate.py) it writes one file with the network's weights,
+the method's fitted state (Patch SVDD's memory bank, or with --method psdl / padim / patchcore that
+method's), the decision thresholds and the normalisation; main_predict.py --model then needs nothing else.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)
     cli.add_threshold_args(parser)
+    cli.add_method_args(parser)
     cli.add_run_args(parser)
     return parser.parse_args(argv)
 
@@ -30,9 +31,10 @@ def run(args: argparse.Namespace) -> None:
     model = export.build_model(args, outputs=((out.parent, 'model'),))
     model_file.save_model(model, out)
     info = model.info
-    print(f'{info["obj"]}: {info["n_train"]} training images ({info["n_normal_scored"]} scored leave-one-out), '
-          f'{info["n_test"]} test images ({info["n_defective"]} defective{", with masks" if info["has_masks"] else ""}), '
-          f'search {model.nn}')
+    how = f'search {model.nn}' if model.method == 'patchsvdd' else f'{model.method} on {model.settings["backbone"]}'
+    print(f'{info["obj"]}: {info["n_train"]} training images ({info["n_normal_scored"]} scored by models without them: '
+          f'{info["normal_scores"]}), {info["n_test"]} test images ({info["n_defective"]} defective'
+          f'{", with masks" if info["has_masks"] else ""}), {how}')
     print(thresholds.describe(model.thresholds))
     print(f'model written to {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, {info["export_seconds"]:.0f} s)')
 

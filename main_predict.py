@@ -1,9 +1,10 @@
 """Predict on new images: `python main_predict.py --model=bottle.safetensors --input=new_images/`.
 
-Per image: the raw score (the maximum of the mult map), a normalised score (0.5 = the threshold), the
-decision (anomalous when score >= threshold), the anomalous-area fraction and the map. With --model
-nothing else is needed; without it, the evaluation flags (--obj, --data_root, --ckpt, ...) give the
-memory bank (from the cache) and the thresholds are computed as main_export.py would.
+Per image: the raw score (the method's image score: for Patch SVDD the maximum of the mult map), a
+normalised score (0.5 = the threshold), the decision (anomalous when score >= threshold), the
+anomalous-area fraction and the map. With --model (of any method) nothing else is needed; without it,
+the evaluation flags (--obj, --data_root, --ckpt, --method, ...) give the fitted state (from the cache)
+and the thresholds are computed as main_export.py would.
 Exit status: 0 all images predicted, 1 some could not be read (see their rows), 2 a usage error.
 """
 from __future__ import annotations
@@ -43,10 +44,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Larger batches than evaluation's: a search call has a fixed cost (opening an index) to spread.
     cli.add_search_args(parser, batch_size=32, batch_help='images read, embedded and searched together')
     cli.add_threshold_args(parser)
+    cli.add_method_args(parser)
     cli.add_run_args(parser)
-    # With --model, its D and search apply unless these are given; None tells them apart.
-    parser.set_defaults(D=None, nn=None)
+    # With --model, its D, search and method apply unless these are given; None tells them apart.
+    parser.set_defaults(D=None, nn=None, **{k: None for k in cli.METHOD_DEFAULTS})
     return parser.parse_args(argv)
+
+
+def check_method_flags(args: argparse.Namespace, model: model_file.Model) -> None:
+    """A model file fixes its method and settings: a method flag beside --model is a mistake, said in one line."""
+    if args.method is not None and args.method != model.method:
+        raise UserError(f'--method {args.method} but {args.model} holds a {model.method} model: drop --method')
+    given = [k for k in cli.METHOD_DEFAULTS if k != 'method' and getattr(args, k) is not None]
+    if given:
+        raise UserError(f'--{given[0]} is fixed by the model file {args.model} (a {model.method} model): drop it, '
+                        'or export another model with it')
 
 
 def run(args: argparse.Namespace) -> None:
@@ -58,27 +70,29 @@ def run(args: argparse.Namespace) -> None:
     cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
     if args.model:
         model = model_file.load_model(Path(args.model).expanduser(), args.D)
+        check_method_flags(args, model)
     else:
-        args = argparse.Namespace(**{**vars(args), 'D': args.D or 64, 'nn': args.nn or 'exact'})
+        defaults = {k: v for k, v in cli.METHOD_DEFAULTS.items() if getattr(args, k) is None}
+        args = argparse.Namespace(**{**vars(args), **defaults, 'D': args.D or 64, 'nn': args.nn or 'exact'})
         model = export.build_model(args, outputs=((out_dir, 'output'),))
-    nn = args.nn or model.nn
+    nn = (args.nn or model.nn) if model.method == 'patchsvdd' else 'exact'
     loaded = time.perf_counter()
-    with prediction.open_search(model, nn, cache_dir) as search:
-        predictor = prediction.Predictor(model.encoder_module(device), search, model.thresholds, model.resize,
-                                         device, args.batch_size)
+    with prediction.open_detector(model, device, args.batch_size, nn, cache_dir) as detector:
         writer = prediction_outputs.PredictionWriter(out_dir, model.thresholds, prediction_outputs.output_names(paths),
                                                      not args.no_pictures, args.save_maps, args.save_masks)
         failed = 0
         looped = time.perf_counter()
         with tqdm(total=len(paths), desc='predict', unit='img', disable=None) as bar:
-            for result in prediction.predict(predictor, paths):
+            for result in prediction.predict(detector, paths):
                 writer.add(result)
                 if result.error:
                     failed += 1
                     tqdm.write(f'error: {result.error}', file=sys.stderr)
                 bar.update()
         done = time.perf_counter()
-    summary = {'model': {**model.info, 'file': args.model, 'D': model.D, 'resize': model.resize, 'nn': nn},
+    summary = {'model': {**model.info, 'file': args.model, 'method': model.method, 'settings': model.settings,
+                         'preprocessing': model.preprocessing, 'resize': model.resize, 'nn': nn,
+                         **({'D': model.D} if model.method == 'patchsvdd' else {})},
                'thresholds': model.thresholds.to_dict(),
                'decision_rule': 'anomalous when score >= thresholds.image; a pixel is anomalous when its map '
                                 'value >= thresholds.pixel',

@@ -13,6 +13,7 @@ Every backbone carries the input normalisation its weights were trained with.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -273,16 +274,45 @@ def build_backbone(name: str, path: Path) -> nn.Module:
     return module.eval()
 
 
+def used_by_features(name: str, key: str) -> bool:
+    """Whether a weight is used by the layer1-3 maps (a model file keeps only these: no layer4, no head)."""
+    if name == 'efficientnet_lite0':
+        if key.startswith('_blocks.'):
+            return int(key.split('.')[1]) <= LITE0_TAPS['layer3']
+        return key.startswith(('_conv_stem.', '_bn0.'))
+    return not key.startswith(('layer4.', 'fc.'))
+
+
+def feature_weights(name: str, module: nn.Module) -> dict[str, np.ndarray]:
+    """The weights layer1-3 use, as arrays (buffers included: BatchNorm's running statistics)."""
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items() if used_by_features(name, k)}
+
+
+def weights_sha256(weights: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the weights' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        array = np.ascontiguousarray(weights[key])
+        digest.update(f'{key}:{array.dtype.str}:{array.shape};'.encode())
+        digest.update(memoryview(array).cast('B'))
+    return digest.hexdigest()
+
+
 class Backbone:
     """A loaded backbone: uint8 images (N,H,W,3) -> {layer1, layer2, layer3} float32 maps (N,C,h,w)."""
 
-    def __init__(self, name: str, weights: str | None = None, device: torch.device | str = 'cpu') -> None:
+    def __init__(self, name: str, weights: str | None = None, device: torch.device | str = 'cpu',
+                 module: nn.Module | None = None, sha256: str | None = None) -> None:
         self.name = name
-        self.path = resolve_weights(name, weights)
-        self.sha256 = file_sha256(self.path)
-        check_hash_in_name(self.path, self.sha256)
+        if module is None:
+            self.path = resolve_weights(name, weights)
+            self.sha256 = file_sha256(self.path)
+            check_hash_in_name(self.path, self.sha256)
+            module = build_backbone(name, self.path)
+        else:
+            self.path, self.sha256 = None, sha256
         self.device = torch.device(device)
-        self.module = build_backbone(name, self.path).to(self.device)
+        self.module = module.to(self.device)
         spec = BACKBONES[name]
         self.channels = spec.channels
         self.mean = torch.tensor(spec.normalization[0], device=self.device).view(1, 3, 1, 1)
@@ -303,6 +333,19 @@ class Backbone:
             for name in LAYERS:
                 parts[name].append(out[name].float().cpu())
         return {name: torch.cat(parts[name]) for name in LAYERS}
+
+    @classmethod
+    def from_weights(cls, name: str, weights: dict[str, np.ndarray], sha256: str,
+                     device: torch.device | str = 'cpu') -> Backbone:
+        """The backbone from a model file's feature weights (`feature_weights`); layer4 and the head stay unset."""
+        if name not in BACKBONES:
+            raise ValueError(f'unknown backbone {name!r}')
+        module = BACKBONES[name].make()
+        expected = {k for k in module.state_dict() if used_by_features(name, k)}
+        if set(weights) != expected:
+            raise ValueError(f'the {name} weights do not fit: {len(set(weights) ^ expected)} keys differ')
+        module.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+        return cls(name, device=device, module=module.eval(), sha256=sha256)
 
     @torch.no_grad()
     def logits(self, images: np.ndarray) -> torch.Tensor:

@@ -1,28 +1,20 @@
-"""Command-line pieces shared by the entry scripts: common flags, checked values, devices, error handling."""
+"""The entry scripts' flags: common flags and their checked values, and how a run reports a user error.
+It holds no method code: what the flags select lives in codes/methods/."""
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from .allocator import keep_freed_memory
 from .backbones import BACKBONES, DEFAULT_BACKBONE, LAYERS
-from .checkpoints import load_encoder, resolve_encoder_path
+from .devices import resolve_device  # noqa: F401  (the entry scripts' cli.resolve_device)
 from .errors import UserError
-from .files import WRITE_ERRNOS, check_writable, write_error
-from .memory_bank import MemoryBank, load_or_build
-from .methods import METHODS as METHOD_NAMES
-from .mvtecad import RESIZE_FILTERS, ClassFiles, LoadedClass, find_class, load_class, resolve_data_root
+from .files import WRITE_ERRNOS, write_error
+from .methods import NAMES as METHOD_NAMES
+from .mvtecad import RESIZE_FILTERS
 from .nearest_neighbor import METHODS
-from .networks import EncoderHier
-from .reports import note_undefined_metrics
-from .state_cache import cache_dir_for, default_cache_dir
+from .state_cache import default_cache_dir
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -111,21 +103,47 @@ def add_search_args(parser: argparse.ArgumentParser, batch_size: int = 8,
 def add_threshold_args(parser: argparse.ArgumentParser) -> None:
     """How a model's decision thresholds are chosen (main_export.py, and main_predict.py without --model)."""
     parser.add_argument('--threshold_from', choices=('normal', 'f1'), default=None,
-                        help='normal: a quantile of the training images\' leave-one-out scores; f1: the F1-max '
+                        help='normal: a quantile of the training images\' held-out scores (each scored by a model '
+                             'that did not see it); f1: the F1-max '
                              'threshold on the labelled test images (and masks, for pixels). Default: f1 when the '
                              'class has defective test images, else normal')
     parser.add_argument('--normal_quantile', type=fraction, default=1.0,
-                        help='quantile of the training images\' leave-one-out scores for the normal threshold '
+                        help='quantile of the training images\' held-out scores for the normal threshold '
                              '(default 1.0: their maximum)')
     parser.add_argument('--normal_images', type=positive_int, default=None,
-                        help='score only this many training images (evenly spaced) leave-one-out, to bound the '
+                        help='score only this many training images (evenly spaced) held out, to bound the '
                              'cost on large classes (default: all)')
 
 
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """--method and the flags of the methods on a pre-trained backbone (PSDL, PaDiM, PatchCore)."""
-    parser.add_argument('--method', choices=METHOD_NAMES, default='patchsvdd',
-                        help='patchsvdd (default; the flags above) or a method on a pre-trained ImageNet backbone')
+METHOD_DEFAULTS = {'method': 'patchsvdd', 'backbone': DEFAULT_BACKBONE, 'backbone_weights': None, 'psdl_type': 'single',
+                   'layer': 'layer3', 'pool_classes': False, 'padim_d': None, 'coreset_ratio': 0.01}
+
+
+def method_list(text: str) -> str:
+    """--method for evaluate and visualize: one method, a comma list, or all."""
+    names = METHOD_NAMES if text == 'all' else tuple(n.strip() for n in text.split(',') if n.strip())
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f'{unknown[0] if unknown else text!r} is not a method: use one of '
+                                         f'{", ".join(METHOD_NAMES)}, a comma list of them, or all')
+    return ','.join(dict.fromkeys(names))
+
+
+def methods_of(args: argparse.Namespace) -> list[str]:
+    return args.method.split(',')
+
+
+def add_method_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """--method and the flags of the methods on a pre-trained backbone (PSDL, PaDiM, PatchCore). With
+    `several`, --method takes a comma list or all."""
+    if several:
+        parser.add_argument('--method', type=method_list, default='patchsvdd',
+                            help=f'{", ".join(METHOD_NAMES)}, a comma list of them, or all (default patchsvdd; '
+                                 'the flags above): the methods other than patchsvdd run on a pre-trained '
+                                 'ImageNet backbone; with several, patchsvdd is skipped where it has no checkpoint')
+    else:
+        parser.add_argument('--method', choices=METHOD_NAMES, default='patchsvdd',
+                            help='patchsvdd (default; the flags above) or a method on a pre-trained ImageNet backbone')
     parser.add_argument('--backbone', choices=tuple(BACKBONES), default=DEFAULT_BACKBONE,
                         help=f'pre-trained network for psdl / padim / patchcore (default {DEFAULT_BACKBONE}, '
                              'whose weights install with pip)')
@@ -147,70 +165,6 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda when available, else cpu)')
     parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
-
-
-def encoder_path(args: argparse.Namespace, obj: str | None = None) -> Path:
-    return resolve_encoder_path(obj or args.obj, args.ckpt, args.ckpt_dir, args.epochs, args.lambda_value, args.D)
-
-
-def resolve_inputs(args: argparse.Namespace) -> tuple[torch.device, ClassFiles, Path]:
-    """Device, the class's files and the encoder checkpoint, checked in that order before any work."""
-    device = resolve_device(args.device)
-    files = find_class(resolve_data_root(args.data_root), args.obj)
-    return device, files, encoder_path(args)
-
-
-@dataclass
-class Prepared:
-    """What an evaluation needs, loaded from the flags."""
-    device: torch.device
-    ckpt: Path
-    enc: EncoderHier
-    bank: MemoryBank
-    bank_source: str      # 'cached', 'built' or 'rebuilt'
-    data: LoadedClass     # test images and masks (training images are in the bank)
-    times: dict[str, float]
-
-
-def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Prepared:
-    """Checks the inputs and that the (folder, what) outputs can be written, then loads the encoder, the
-    memory bank (cached when allowed) and the test set. Folders are created only when written to."""
-    device, files, ckpt = resolve_inputs(args)
-    note_undefined_metrics(files.labels, files.masks)
-    for folder, what in outputs:
-        check_writable(folder, what)
-    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
-    enc = load_encoder(ckpt, args.D, device)
-    times: dict[str, float] = {}
-
-    def load_test() -> LoadedClass:
-        started = time.perf_counter()
-        data = load_class(files, args.resize, train=False)
-        times['load_test'] = time.perf_counter() - started
-        return data
-
-    # The test set is read while a cached bank is read. A bank that has to be built waits for the test set
-    # first: a bad test image stops the run before anything is written.
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        test = reader.submit(load_test)
-        started = time.perf_counter()
-        bank, source = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size,
-                                     before_build=test.result)
-        times['bank'] = time.perf_counter() - started
-        data = test.result()
-    return Prepared(device, ckpt, enc, bank, source, data, times)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'--device {name!r} is not a device: use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
-    return device
 
 
 def run(main: Callable[[], None], debug: bool = False) -> None:

@@ -1,5 +1,6 @@
-"""Building a Model from a class's checkpoint and images: the memory bank, the leave-one-image-out
-scores of the training images, the test set's scores (when it has one) and the thresholds from them."""
+"""Building a Model from a class's images: Patch SVDD's memory bank from its checkpoint, or a backbone method's
+fitted state; the training images scored honestly (none by a model that saw it), the test set's scores (when
+it has one) and the thresholds from them."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cli
+from . import metrics
+from .backbones import feature_weights
 from .checkpoints import file_sha256, load_encoder
 from .embeddings import iter_batches
 from .errors import UserError
@@ -18,9 +20,13 @@ from .files import check_writable
 from .inspection import score_maps
 from .memory_bank import load_or_build
 from .model_file import Model
-from .mvtecad import GOOD, ClassFiles, find_class, list_images, load_class, resolve_data_root
+from .devices import resolve_device
+from .methods.backbone import BackboneDetector, fit_method
+from .methods.base import Clock
+from .methods.patchsvdd import PatchSVDDDetector, SearchBank, encoder_path, search_methods
+from .mvtecad import (CROP_RESIZE, CROP_SIZE, GOOD, ClassFiles, find_class, list_images, load_class, load_class_cropped,
+                      resolve_data_root)
 from .state_cache import cache_dir_for
-from .prediction import Predictor, SearchBank, search_methods
 from .thresholds import compute_thresholds
 
 MAP_CHUNK = 16   # images whose maps are assembled at once (bounds memory, 0.5 MiB per map)
@@ -61,11 +67,13 @@ def leave_one_out(search: SearchBank, emb64: np.ndarray, emb32: np.ndarray, whic
 
 def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Model:
     """The model for args (main_evaluate.py's flags plus --normal_quantile, --threshold_from,
-    --normal_images). Checks the inputs and that `outputs` can be written before any work."""
+    --normal_images), of --method. Checks the inputs and that `outputs` can be written before any work."""
+    if getattr(args, 'method', None) not in (None, 'patchsvdd'):
+        return build_method_model(args, outputs)
     started = time.perf_counter()
-    device = cli.resolve_device(args.device)
+    device = resolve_device(args.device)
     files = find_export_class(resolve_data_root(args.data_root), args.obj)
-    ckpt = cli.encoder_path(args)
+    ckpt = encoder_path(args)
     for folder, what in outputs:
         check_writable(folder, what)
     cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
@@ -82,17 +90,58 @@ def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] 
     train_scores, pixel_low, pixel_high = leave_one_out(search, bank.emb64, bank.emb32, which, device)
     test_scores = test_maps = None
     if test is not None:
-        test_maps = Predictor(enc, search, None, args.resize, device, args.batch_size).maps(test.test)
-        test_scores = test_maps.max(axis=(1, 2))
+        test_maps, test_scores = PatchSVDDDetector(enc, search, None, args.resize, device,
+                                                   args.batch_size).score(test.test)
     thresholds = compute_thresholds(train_scores, (pixel_low, pixel_high), args.normal_quantile, args.threshold_from,
                                     test_scores, files.labels if test is not None else None, test_maps,
                                     test.masks if test is not None else None)
     info = {'obj': args.obj, 'checkpoint': ckpt.name, 'checkpoint_sha256': file_sha256(ckpt),
+            'normal_scores': 'leave-one-image-out (the memory bank without the image\'s patches)',
             'n_train': len(files.train), 'n_normal_scored': len(which), 'n_test': len(files.test),
             'n_defective': int(files.labels.sum()), 'has_masks': files.masks is not None,
             'threshold_from': args.threshold_from or 'auto',
             'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
             'export_seconds': round(time.perf_counter() - started, 1)}
     encoder = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in enc.state_dict().items()}
-    return Model(args.D, args.resize, args.nn, encoder, bank.mean, bank.emb64, bank.emb32, thresholds, info,
-                 index=search.index, ngt32=bank.ngt32)
+    return Model.patchsvdd(args.D, args.resize, args.nn, encoder, bank.mean, bank.emb64, bank.emb32, thresholds, info,
+                           index=search.index, ngt32=bank.ngt32)
+
+
+def build_method_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Model:
+    """A model of a backbone method (--method psdl, padim or patchcore): the fitted state (cached like
+    evaluation's), the backbone's layer1-3 weights, and thresholds from the training images scored by a
+    model that did not see them (each method's `held_out`) and from the test set when there is one."""
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    files = find_export_class(resolve_data_root(args.data_root), args.obj)
+    for folder, what in outputs:
+        check_writable(folder, what)
+    test: list = []
+
+    def load_test(method) -> None:       # bad test images stop the export before anything is computed
+        test.append(load_class_cropped(files, method.resize_filter, train=False) if files.test else None)
+
+    fitted = fit_method(args, files, device, Clock(), before_fit=load_test)
+    backbone, method = fitted.backbone, fitted.method
+    which = loo_images(len(fitted.train), args.normal_images)
+    train_maps, train_scores = method.held_out(fitted.features_of, which, len(fitted.train))
+    if train_scores is None:
+        train_scores = metrics.image_scores(train_maps)
+    test_maps = test_scores = None
+    if test[0] is not None:
+        test_maps, test_scores = BackboneDetector(backbone, method, None, args.batch_size).score(test[0].test)
+    thresholds = compute_thresholds(train_scores, (float(train_maps.min()), float(train_maps.max())),
+                                    args.normal_quantile, args.threshold_from, test_scores,
+                                    files.labels if test_scores is not None else None, test_maps,
+                                    test[0].masks if test_scores is not None else None)
+    info = {'obj': args.obj, 'backbone': backbone.name, 'backbone_file': backbone.path.name,
+            'backbone_sha256': backbone.sha256, 'n_train': len(fitted.train), 'n_normal_scored': len(which),
+            'normal_scores': method.held_out_rule,
+            'n_test': len(files.test), 'n_defective': int(files.labels.sum()), 'has_masks': files.masks is not None,
+            'threshold_from': args.threshold_from or 'auto', 'fitted_state': fitted.source,
+            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'export_seconds': round(time.perf_counter() - started, 1)}
+    settings = {'backbone': backbone.name, 'backbone_sha256': backbone.sha256, **method.settings()}
+    preprocessing = {'resize': method.resize_filter, 'size': CROP_RESIZE, 'crop': CROP_SIZE}
+    return Model(method.name, settings, preprocessing, feature_weights(backbone.name, backbone.module),
+                 dict(fitted.state), thresholds, info)

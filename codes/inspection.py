@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import metrics
+from . import metrics, reports
 from .embeddings import STRIDE_32, STRIDE_64, embed_images
 from .memory_bank import MemoryBank
 from .mvtecad import IMAGE_SIZE, LoadedClass
@@ -138,8 +138,5 @@ def evaluate(enc: EncoderHier, bank: MemoryBank, data: LoadedClass, nn: str = 'e
 
 def result_line(aurocs: dict[str, float | None], obj: str) -> str:
     """The original's output line: `|K64| Det: 98.3 Seg: 96.0 |K32| ... (bottle)`."""
-    def pct(v: float | None) -> str:
-        return f'{v * 100:4.1f}' if v is not None else ' n/a'
-    parts = [f'|{"K" + n if n in ("64", "32") else n}| Det: {pct(aurocs[f"det_{n}"])} Seg: {pct(aurocs[f"seg_{n}"])}'
-             for n in MAP_NAMES]
-    return ' '.join(parts) + f' ({obj})'
+    return reports.result_line({('K' + n if n in ('64', '32') else n): (aurocs[f'det_{n}'], aurocs[f'seg_{n}'])
+                                for n in MAP_NAMES}, obj)

@@ -67,6 +67,14 @@ def list_images(folder: Path) -> list[Path]:
                   key=lambda p: p.as_posix())
 
 
+def requested_classes(root: Path, obj: str) -> tuple[list[str], list[str]]:
+    """--obj as a list: (classes present under root, requested classes not found). `all`: the 15 MVTec AD
+    classes; else a comma list."""
+    wanted = list(OBJS) if obj == 'all' else [o.strip() for o in obj.split(',') if o.strip()]
+    present = [o for o in wanted if (root / o).is_dir()]
+    return present, [o for o in wanted if o not in present]
+
+
 def find_class(root: Path, obj: str) -> ClassFiles:
     """Lists a class's train and test images and pairs each defective image with its mask by stem."""
     folder = root / obj

@@ -1,146 +1,39 @@
-"""Prediction on new images: find the inputs, read them, and score them a batch at a time.
+"""Prediction on new images, for every method: find the inputs, read them, and score them a batch at a time.
 
-A batch of images is read (on a small thread pool, the next batch while the current one is scored),
-embedded, and searched with one nearest_distances call per K, so that a search's per-call cost (opening
-an index, pruning) is paid once per batch, not per image. The image score is the maximum of the `mult`
-map (K=64 map x K=32 map, 256x256), exactly as in evaluation.
+A batch of images is read (on a small thread pool, the next batch while the current one is scored) and
+scored by the model's detector (codes/methods/base.py), the code evaluation scores with: Patch SVDD embeds
+a batch and searches it with one call per K, so that a search's per-call cost is paid once per batch.
+`Inspector` is the Python API over the same objects.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .embeddings import embed_images, iter_batches
+from .embeddings import iter_batches
 from .errors import UserError
-from .files import make_dir
-from .state_cache import try_write
-from .inspection import score_maps
-from .model_file import Model
-from .mvtecad import IMAGE_EXTENSIONS, read_image, resize, to_rgb_array
-from .inspection import search_methods as method_pair
-from .nearest_neighbor import METHODS, ExactSearch, nearest_distances
-from .networks import EncoderHier
-from .thresholds import Thresholds
+from .methods import backbone, patchsvdd
+from .methods.base import Detector
+from .model_file import Model, load_model
+from .mvtecad import IMAGE_EXTENSIONS, read_image, to_rgb_array
+
+OPENERS = {'patchsvdd': patchsvdd.open_detector, 'psdl': backbone.open_detector, 'padim': backbone.open_detector,
+           'patchcore': backbone.open_detector}
 
 
-def search_methods(nn: str) -> tuple[str, str]:
-    """(K=64 method, K=32 method) for --nn, as evaluation pairs them; an unknown method is refused."""
-    if nn not in METHODS:
-        raise UserError(f'--nn must be one of {", ".join(METHODS)}, not {nn!r}')
-    return method_pair(nn)
-
-
-@dataclass
-class SearchBank:
-    """The memory bank as the searches see it, kept for the whole run so that its search state is reused.
-
-    `ngt32` is where a K=32 NGT index is kept (built on first use, reopened after); `index` holds the
-    exact search's cell indexes (`exact64.<name>`, `exact32.<name>`: read from a model file, or built on
-    first use and then saved with an exported model); `searches` the fitted search objects of this run.
-    """
-    mean: np.ndarray            # (256,256,3) training mean image
-    emb64: np.ndarray           # (M64, D) rows
-    emb32: np.ndarray           # (M32, D) rows
-    nn: str
-    ngt32: Path | None = None
-    index: dict[str, np.ndarray] = field(default_factory=dict)
-    groups: tuple[np.ndarray, np.ndarray] | None = None   # per row: the training image it came from
-    searches: dict = field(default_factory=dict, repr=False)
-
-    def exact_search(self, K: str, device: torch.device | str, leave_out: bool = False) -> ExactSearch:
-        """The fitted exact search over the K bank: from the saved index, else built once for the run.
-        Leave-one-out needs its own index (equal rows of different images are kept apart)."""
-        key = (K, str(device), leave_out)
-        if key not in self.searches:
-            emb = self.emb64 if K == '64' else self.emb32
-            prefix = f'exact{K}.'
-            saved = {k[len(prefix):]: v for k, v in self.index.items() if k.startswith(prefix)}
-            search = None if leave_out or not saved else ExactSearch.from_arrays(emb, saved, device)
-            if search is None:
-                groups = self.groups[0 if K == '64' else 1] if leave_out else None
-                search = ExactSearch(device).fit(emb, groups)
-                if not leave_out and search.arrays() is not None:
-                    self.index.update({prefix + k: v for k, v in search.arrays().items()})
-            self.searches[key] = search
-        return self.searches[key]
-
-    @classmethod
-    def from_arrays(cls, mean: np.ndarray, emb64: np.ndarray, emb32: np.ndarray, nn: str,
-                    ngt32: Path | None = None, index: dict[str, np.ndarray] | None = None) -> SearchBank:
-        n = len(emb64)
-        groups = (np.repeat(np.arange(n), emb64[0, ..., 0].size), np.repeat(np.arange(n), emb32[0, ..., 0].size))
-        return cls(mean, emb64.reshape(-1, emb64.shape[-1]), emb32.reshape(-1, emb32.shape[-1]), nn, ngt32,
-                   index or {}, groups)
-
-    def distances(self, q64: np.ndarray, q32: np.ndarray, device: torch.device | str = 'cpu',
-                  leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Patch scores of (n,13,13,D) and (n,57,57,D) queries: one search per K for the whole batch.
-
-        `leave_out` (one training image index per query image) excludes that image's own patches from
-        its search (leave-one-image-out, exact search only)."""
-        method64, method32 = search_methods(self.nn)
-        groups64 = groups32 = bank64 = bank32 = None
-        if leave_out is not None:
-            method64 = method32 = 'exact'
-            groups64 = np.repeat(leave_out, q64[0, ..., 0].size)
-            groups32 = np.repeat(leave_out, q32[0, ..., 0].size)
-            bank64, bank32 = self.groups
-        loo = leave_out is not None
-        s64 = nearest_distances(q64, self.emb64, method64, device, desc='search K=64',
-                                query_groups=groups64, bank_groups=bank64,
-                                search=self.exact_search('64', device, loo) if method64 == 'exact' else None)
-        ngt = self.ngt32 if method32 == 'ngt' else None
-        s32 = nearest_distances(q32, self.emb32, method32, device, desc='search K=32', ngt_path=ngt,
-                                query_groups=groups32, bank_groups=bank32,
-                                search=self.exact_search('32', device, loo) if method32 == 'exact' else None)
-        return s64, s32
-
-
-@contextlib.contextmanager
-def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[SearchBank]:
-    """The model's bank ready to search with `nn`. An NGT index is built once (by the first search): under
-    <cache_dir>/models/<bank id>/ngt32 to be reused by later runs, or in a temporary folder with no cache;
-    a model built from the memory bank cache uses the index kept there."""
-    search_methods(nn)
-    with contextlib.ExitStack() as stack:
-        ngt32 = None
-        if nn == 'ngt' and model.ngt32 is not None:     # built beside the memory bank's cache entry
-            ngt32 = model.ngt32
-        elif nn == 'ngt':
-            folder = cache_dir / 'models' / model.bank_id if cache_dir is not None and model.bank_id else None
-            if folder is None or not try_write(folder, lambda: make_dir(folder, 'cache')):
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-')))
-            ngt32 = folder / 'ngt32'
-        yield SearchBank.from_arrays(model.mean, model.emb64, model.emb32, nn, ngt32, model.index)
-
-
-ENCODER_BATCH = 8   # images per encoder pass, evaluation's default; a search batch may hold several passes
-
-
-class Predictor:
-    """Scores batches of 256x256 uint8 images with an encoder and a memory bank; `batch_size` images
-    are read together and searched with one call per K."""
-
-    def __init__(self, enc: EncoderHier, search: SearchBank, thresholds: Thresholds | None, resize_filter: str,
-                 device: torch.device | str = 'cpu', batch_size: int = 8):
-        self.enc, self.search, self.thresholds = enc.eval(), search, thresholds
-        self.resize, self.device, self.batch_size = resize_filter, torch.device(device), batch_size
-
-    def maps(self, images: np.ndarray) -> np.ndarray:
-        """The `mult` maps (n,256,256) float64: one embedding pass and one search per K for the batch."""
-        q64, q32 = embed_images(self.enc, images, self.search.mean, self.device, min(self.batch_size, ENCODER_BATCH),
-                                desc='embed')
-        s64, s32 = self.search.distances(q64, q32, self.device)
-        return score_maps(s64, s32)['mult']
+def open_detector(model: Model, device: torch.device | str = 'cpu', batch_size: int = 32, nn: str | None = None,
+                  cache_dir: Path | None = None) -> contextlib.AbstractContextManager[Detector]:
+    """A model file's detector, ready to score (Patch SVDD's search state kept while it is open). `nn` and
+    `cache_dir` concern Patch SVDD's search only."""
+    return OPENERS[model.method](model, torch.device(device), batch_size, nn, cache_dir)
 
 
 @dataclass
@@ -182,8 +75,9 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_input(path: Path, resize_filter: str) -> np.ndarray:
-    """A 256x256x3 uint8 image, or a UserError saying why not (one line, naming the file)."""
+def read_input(path: Path, prepare: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The image as the model reads it (`prepare` of its RGB array), or a UserError saying why not (one
+    line, naming the file)."""
     try:
         if path.stat().st_size == 0:
             raise UserError(f'cannot read image {path}: the file is empty (0 bytes)')
@@ -192,40 +86,83 @@ def read_input(path: Path, resize_filter: str) -> np.ndarray:
     im = read_image(path)
     if im.width == 0 or im.height == 0:
         raise UserError(f'cannot read image {path}: it has 0 pixels ({im.width}x{im.height})')
-    return resize(to_rgb_array(im), resize_filter)
+    return prepare(to_rgb_array(im))
 
 
-def _read_batch(pool: ThreadPoolExecutor, paths: list[Path], resize_filter: str) -> list[np.ndarray | str]:
-    def one(p: Path) -> np.ndarray | str:
+def _read_batch(pool: ThreadPoolExecutor, inputs: list, prepare: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray | str]:
+    def one(p) -> np.ndarray | str:
+        if isinstance(p, np.ndarray):       # an image already decoded (the Python API): RGB uint8
+            return prepare(as_rgb(p))
         try:
-            return read_input(p, resize_filter)
+            return read_input(p, prepare)
         except UserError as e:
             return str(e)
         except Exception as e:   # whatever a decoder raises on a hostile file (e.g. a decompression bomb): skip it
             return f'cannot read image {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    return list(pool.map(one, paths))
+    return list(pool.map(one, inputs))
 
 
-def predict(predictor: Predictor, paths: list[Path]) -> Iterator[ImageResult]:
-    """Results in input order, a batch at a time; the next batch is read while this one is scored."""
-    batches = [paths[sl] for sl in iter_batches(len(paths), predictor.batch_size)]
-    t = predictor.thresholds
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An HxW (grey) or HxWx3 / HxWx4 uint8 array as HxWx3 RGB; anything else is a UserError."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise UserError(f'an image array must be uint8 HxW, HxWx3 or HxWx4, not {image.dtype} {image.shape}')
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def predict(detector: Detector, paths: list) -> Iterator[ImageResult]:
+    """Results in input order, a batch at a time; the next batch is read while this one is scored.
+    An input is a file path, or an RGB uint8 array (the Python API)."""
+    batches = [paths[sl] for sl in iter_batches(len(paths), detector.batch_size)]
+    t = detector.thresholds
     # Two pools: one thread that reads the next batch ahead, using a pool of decoders (PIL releases the GIL).
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as readers, ThreadPoolExecutor(1) as ahead:
         def read_ahead(k: int):
-            return ahead.submit(_read_batch, readers, batches[k], predictor.resize) if k < len(batches) else None
+            return ahead.submit(_read_batch, readers, batches[k], detector.prepare) if k < len(batches) else None
         pending = read_ahead(0)
         for k, batch in enumerate(batches):
             read = pending.result()
             pending = read_ahead(k + 1)
             good = [i for i, r in enumerate(read) if not isinstance(r, str)]
-            maps = predictor.maps(np.stack([read[i] for i in good])) if good else np.empty((0, 256, 256))
-            by_index = dict(zip(good, maps))
+            scored = detector.score(np.stack([read[i] for i in good])) if good else ((), ())
+            by_index = {i: (m, s) for i, m, s in zip(good, *scored)}
             for i, path in enumerate(batch):
                 if i not in by_index:
                     yield ImageResult(path, error=read[i])
                     continue
-                m = by_index[i]
-                score = float(m.max())
+                m, score = by_index[i]
+                score = float(score)
                 yield ImageResult(path, read[i], m, score, float(t.normalize_scores(score)),
                                   bool(t.is_anomalous(score)), float(t.anomalous_area(m)))
+
+
+class Inspector:
+    """The Python API: a model file loaded once, scoring images given as paths or RGB uint8 arrays.
+
+        with Inspector('bottle.safetensors') as inspector:
+            for r in inspector.predict(['a.png', array]):
+                print(r.score, r.anomalous, r.map.shape)
+    """
+
+    def __init__(self, model_path: str | Path, device: str | None = None, batch_size: int = 32,
+                 nn: str | None = None, cache_dir: Path | None = None) -> None:
+        self.model = load_model(Path(model_path).expanduser())
+        self._stack = contextlib.ExitStack()
+        device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        self.detector = self._stack.enter_context(open_detector(self.model, device, batch_size, nn, cache_dir))
+        self.thresholds = self.model.thresholds
+
+    def predict(self, images: list) -> list[ImageResult]:
+        """One ImageResult per input, in order: score, normalised score, decision, area, map (or error)."""
+        return list(predict(self.detector, [i if isinstance(i, np.ndarray) else Path(i) for i in images]))
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Inspector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

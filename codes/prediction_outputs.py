@@ -5,7 +5,7 @@ Layout of the output folder:
                                         anomalous-area fraction, error (empty / null when it worked)
     pictures/<name>.png                 the image beside its heat map (normalised: 0.5 = threshold)
                                         with the anomalous region outlined
-    maps/<name>.npy | .tiff | .png      the raw 256x256 mult map (float32), or the normalised map as a
+    maps/<name>.npy | .tiff | .png      the raw map (float32; Patch SVDD: 256x256 mult map; others: 224x224), or the normalised map as a
                                         16-bit PNG (0..65535 for 0..1; the threshold is 32768)
     masks/<name>.png                    the anomalous pixels (map >= pixel threshold) as 0 / 255
     index.html                          every image sorted by score, with its decision

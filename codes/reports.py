@@ -27,6 +27,14 @@ def run_name(ckpt: Path, resize: str, nn: str) -> str:
     return f'{stamp}_{ckpt.stem}_{resize}_{nn}'
 
 
+def result_line(parts: dict[str, tuple[float | None, float | None]], obj: str) -> str:
+    """The original's output line, one `|name| Det: .. Seg: ..` per map or method, then the class:
+    `|K64| Det: 98.3 Seg: 96.0 |K32| ... (bottle)`, or `|padim| Det: 99.8 Seg: 97.8 (bottle)`."""
+    def pct(v: float | None) -> str:
+        return f'{v * 100:4.1f}' if v is not None else ' n/a'
+    return ' '.join(f'|{name}| Det: {pct(det)} Seg: {pct(seg)}' for name, (det, seg) in parts.items()) + f' ({obj})'
+
+
 def search_note(nn: str, eps: float) -> str:
     """What the result line adds when the search is not the default exact one, e.g. ` [search: approx, eps 0.01]`."""
     if nn == 'exact':
@@ -88,7 +96,7 @@ def write_result(results_dir: Path, obj: str, name: str, record: dict) -> Path:
     else:
         m = main_metrics(record)
         row = {'run': name, 'obj': obj, 'method': record['method'],
-               'checkpoint_sha256': record['settings']['backbone_sha256'], 'resize': record['settings']['resize'],
+               'backbone_sha256': record['settings']['backbone_sha256'], 'resize': record['settings']['resize'],
                'nn': record['settings'].get('nn', ''),
                **{k: '' if m[k] is None else round(m[k], 6) for k in ('det', 'seg', 'aupro', 'pixel_ap', 'f1_max')},
                'json': path.relative_to(results_dir).as_posix()}
@@ -115,12 +123,14 @@ def append_summary_row(path: Path, row: dict) -> None:
         writer.writerows(rows)
 
 
-def save_maps(path: Path, maps: dict[str, np.ndarray], labels: np.ndarray, test_paths: tuple[Path, ...],
-              mask_paths: tuple[Path | None, ...] | None) -> None:
-    """The four 256x256 maps (float32), labels and the test images' and masks' paths, in one .npz."""
+def save_maps(path: Path, maps: dict[str, np.ndarray], image_scores: np.ndarray, labels: np.ndarray,
+              test_paths: tuple[Path, ...], mask_paths: tuple[Path | None, ...] | None) -> None:
+    """The maps (float32: Patch SVDD's four 256x256, or a method's 224x224), the method's image scores (float64:
+    the mult map's maximum, PatchCore's re-weighted score), labels and the test images' and masks' paths, in
+    one .npz."""
     make_dir(path.parent, 'results')
     arrays = {f'maps_{name}': m.astype(np.float32) for name, m in maps.items()}
-    arrays.update(labels=labels, test_paths=np.array([str(p) for p in test_paths]),
+    arrays.update(image_scores=np.asarray(image_scores, np.float64), labels=labels, test_paths=np.array([str(p) for p in test_paths]),
                   mask_paths=np.array(['' if p is None else str(p) for p in (mask_paths or [None] * len(test_paths))]))
     with atomic_open(path, 'wb') as f:
         np.savez(f, **arrays)
@@ -147,19 +157,24 @@ def markdown_table(records: list[dict]) -> str:
     return '\n'.join([head] + rows)
 
 
-def method_table(records: list[dict]) -> str:
-    """Per class and method, and the mean per method: Det, Seg, AUPRO, pixel AP, F1-max (%)."""
-    head = ('| class | method | Det | Seg | AUPRO | pixel AP | F1-max |\n'
-            '|---|---|---|---|---|---|---|')
+def method_table(records: list[dict], times: bool = False) -> str:
+    """Per class and method, and the mean per method: Det, Seg, AUPRO, pixel AP, F1-max (%), with `times`
+    also each run's seconds (a mean row: the total)."""
+    head = ('| class | method | Det | Seg | AUPRO | pixel AP | F1-max |' + (' time (s) |' if times else '') + '\n'
+            '|---|---|---|---|---|---|---|' + ('---|' if times else ''))
     keys = ('det', 'seg', 'aupro', 'pixel_ap', 'f1_max')
-    rows, by_method = [], {}
+    rows, by_method, seconds = [], {}, {}
     for r in records:
         method = r.get('method', SVDD)
         m = main_metrics(r)
         by_method.setdefault(method, []).append([m[k] for k in keys])
-        rows.append(f'| {r["obj"]} | {method} | ' + ' | '.join(pct(m[k], 0) for k in keys) + ' |')
+        total = r.get('times_s', {}).get('total', 0.0)
+        seconds[method] = seconds.get(method, 0.0) + total
+        rows.append(f'| {r["obj"]} | {method} | ' + ' | '.join(pct(m[k], 0) for k in keys) + ' |'
+                    + (f' {total:.1f} |' if times else ''))
     for method, columns in by_method.items():
         means = [np.mean([c[i] for c in columns]) if all(c[i] is not None for c in columns) else None
                  for i in range(len(keys))]
-        rows.append(f'| **mean** ({len(columns)}) | {method} | ' + ' | '.join(pct(v, 0) for v in means) + ' |')
+        rows.append(f'| **mean** ({len(columns)}) | {method} | ' + ' | '.join(pct(v, 0) for v in means) + ' |'
+                    + (f' {seconds[method]:.1f} |' if times else ''))
     return '\n'.join([head] + rows)

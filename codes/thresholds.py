@@ -97,7 +97,7 @@ def choose_source(wanted: str | None, has_defects: bool) -> str:
 def compute_thresholds(train_scores: np.ndarray, train_pixel_range: tuple[float, float], quantile: float,
                        wanted: str | None, test_scores: np.ndarray | None = None, labels: np.ndarray | None = None,
                        test_maps: np.ndarray | None = None, masks: np.ndarray | None = None) -> Thresholds:
-    """Thresholds and normalisation from the training images' leave-one-out scores (and pixel range),
+    """Thresholds and normalisation from the training images' held-out scores (and pixel range),
     and, when the class has them, the test images' scores, labels, maps and masks."""
     has_defects = labels is not None and bool(np.any(labels == 1)) and bool(np.any(labels == 0))
     source = choose_source(wanted, has_defects)
@@ -129,7 +129,7 @@ def describe(t: Thresholds) -> str:
         return 'n/a' if threshold is None else f'{threshold:.6g} (F1 {value:.3f})'
     return '\n'.join([
         f'image threshold {t.image:.6g} (from {t.image_source}); pixel threshold {t.pixel:.6g} (from {t.pixel_source})',
-        f'  normal images, quantile {t.normal_quantile:g} of leave-one-out scores: {t.normal_image:.6g}',
+        f'  normal images, quantile {t.normal_quantile:g} of their held-out scores: {t.normal_image:.6g}',
         f'  F1-max on labelled test images: image {f1_text(t.f1_image, t.f1_image_value)}, '
         f'pixel {f1_text(t.f1_pixel, t.f1_pixel_value)}',
         f'  normalisation: image scores {t.image_min:.6g} .. {t.image_max:.6g}, '

@@ -11,9 +11,9 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from codes import state_cache
 from codes.gaussians import fit_gaussians, mahalanobis
-from codes.padim import PaDiM, channel_subset
-from codes.patchcore import PatchCore, k_center_greedy, patch_features, reweight
-from codes.psdl import PSDL, activation_vectors, code_pairs
+from codes.methods.padim import PaDiM, channel_subset
+from codes.methods.patchcore import PatchCore, k_center_greedy, patch_features, reweight
+from codes.methods.psdl import PSDL, activation_vectors, code_pairs
 
 
 def test_gaussians_and_mahalanobis_match_numpy_and_scipy():

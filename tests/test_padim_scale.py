@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from codes import padim
+from codes.methods import padim
 from codes.gaussians import GaussianSums, fit_gaussians, mahalanobis, whitened_distances, whitening
 
 

@@ -23,7 +23,7 @@ from codes.checkpoints import file_sha256, load_encoder, save_module
 from codes.memory_bank import build_bank
 from codes.mvtecad import find_class, load_class, load_images
 from codes.networks import EncoderHier
-from codes.prediction import Predictor, SearchBank
+from codes.methods.patchsvdd import PatchSVDDDetector, SearchBank
 from codes.thresholds import min_max_normalize
 
 def exits(main, argv, capsys, code: int) -> tuple[str, str]:
@@ -63,10 +63,11 @@ def test_model_file_holds_everything_and_loads_without_pickle(exported):
     with safe_open(str(exported['model']), 'np') as f:      # any safetensors reader: no code runs
         meta = json.loads(f.metadata()['patchsvdd'])
         names = set(f.keys())
-    assert meta['format'] == 'patchsvdd-model' and meta['format_version'] == 1
-    assert (meta['D'], meta['resize'], meta['nn']) == (64, 'nearest', 'exact')
+    assert meta['format'] == 'patchsvdd-model' and meta['format_version'] == 2 and meta['method'] == 'patchsvdd'
+    assert (meta['settings'], meta['preprocessing']) == ({'D': 64, 'nn': 'exact'},
+                                                         {'resize': 'nearest', 'size': 256, 'crop': None})
     assert meta['info']['checkpoint_sha256'] == file_sha256(exported['ckpt'])
-    assert {'mean', 'emb64', 'emb32', 'encoder.enc.conv1.weight', 'encoder.conv2.bias'} <= names
+    assert {'state.mean', 'state.emb64', 'state.emb32', 'weights.enc.conv1.weight', 'weights.conv2.bias'} <= names
     # the exact search's cell indexes travel with the model, so predict does not rebuild them
     assert {f'index.exact{K}.{a}' for K in ('64', '32') for a in ('centroids', 'rows', 'starts', 'radius')} <= names
     t = meta['thresholds']
@@ -83,9 +84,9 @@ def test_round_trip_gives_the_same_scores(exported, tmp_path):
     for name in ('mean', 'emb64', 'emb32'):
         assert np.allclose(getattr(loaded, name), getattr(bank, name), atol=1e-6)
     test = load_class(files, 'nearest', train=False).test
-    direct = Predictor(enc, SearchBank.from_arrays(bank.mean, bank.emb64, bank.emb32, 'exact'), None, 'nearest').maps(test)
+    direct = PatchSVDDDetector(enc, SearchBank.from_arrays(bank.mean, bank.emb64, bank.emb32, 'exact'), None, 'nearest').maps(test)
     search = SearchBank.from_arrays(loaded.mean, loaded.emb64, loaded.emb32, loaded.nn)
-    from_file = Predictor(loaded.encoder_module(), search, loaded.thresholds, loaded.resize).maps(test)
+    from_file = PatchSVDDDetector(loaded.encoder_module(), search, loaded.thresholds, loaded.resize).maps(test)
     assert np.allclose(from_file, direct, rtol=1e-5, atol=0)
     model_file.save_model(loaded, tmp_path / 'again.safetensors')
     again = model_file.load_model(tmp_path / 'again.safetensors')
@@ -242,7 +243,7 @@ def bad_models(exported, tmp_path):
         meta = json.loads(f.metadata()['patchsvdd'])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     add('newer.safetensors', safetensors_bytes(tensors, {'patchsvdd': json.dumps({**meta, 'format_version': 99})}),
-        'model file {path} has format version 99, newer than this program reads (1): update Patch SVDD')
+        'model file {path} has format version 99, newer than this program reads (2): update Patch SVDD')
     return models
 
 

@@ -32,10 +32,12 @@ def test_saved_maps(tmp_path):
     from pathlib import Path
     maps = {name: np.full((2, 256, 256), i, np.float64) for i, name in enumerate(('64', '32', 'sum', 'mult'))}
     path = tmp_path / 'm.npz'
-    reports.save_maps(path, maps, np.array([1, 0]), (Path('test/crack/000.png'), Path('test/good/000.png')),
-                      (Path('ground_truth/crack/000_mask.png'), None))
+    reports.save_maps(path, maps, maps['mult'].max(axis=(1, 2)), np.array([1, 0]),
+                      (Path('test/crack/000.png'), Path('test/good/000.png')), (Path('ground_truth/crack/000_mask.png'), None))
     z = np.load(path)
-    assert sorted(z.files) == ['labels', 'maps_32', 'maps_64', 'maps_mult', 'maps_sum', 'mask_paths', 'test_paths']
+    assert sorted(z.files) == ['image_scores', 'labels', 'maps_32', 'maps_64', 'maps_mult', 'maps_sum', 'mask_paths',
+                               'test_paths']
+    assert z['image_scores'].tolist() == [3.0, 3.0]
     assert z['maps_mult'].shape == (2, 256, 256) and z['maps_mult'].dtype == np.float32 and z['maps_mult'][0, 0, 0] == 3
     assert z['mask_paths'].tolist() == ['ground_truth/crack/000_mask.png', '']
     assert z['test_paths'].tolist() == ['test/crack/000.png', 'test/good/000.png']

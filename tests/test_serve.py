@@ -116,8 +116,8 @@ def test_health_models_and_page(client, models):
     loaded = model_file.load_model(models['a'])
     assert [m['name'] for m in described] == ['a']
     m = described[0]
-    assert m['method'] == 'patch_svdd' and m['file'] == 'a.safetensors'
-    assert m['settings'] == {'D': loaded.D, 'resize': loaded.resize, 'nn': loaded.nn}
+    assert m['method'] == 'patchsvdd' and m['file'] == 'a.safetensors'
+    assert m['settings'] == {'D': loaded.D, 'nn': loaded.nn, 'resize': loaded.resize, 'size': 256, 'crop': None}
     assert m['thresholds'] == loaded.thresholds.to_dict()
     assert m['provenance']['checkpoint_sha256'] == loaded.info['checkpoint_sha256']
     assert str(models['work']) not in str(described)        # no server paths
@@ -372,7 +372,7 @@ def test_the_page_in_a_browser_shows_each_dropped_image_newest_first(served, tes
         driver.get(served + '/')
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: d.find_element(By.ID, 'model').get_attribute('value') == 'a')
-        assert 'patch_svdd' in driver.find_element(By.ID, 'info').text
+        assert 'patchsvdd' in driver.find_element(By.ID, 'info').text
         upload = driver.find_element(By.ID, 'files')
         for n, path in enumerate(chosen, 1):          # as a user picks one file, then another
             upload.send_keys(str(path))

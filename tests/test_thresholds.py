@@ -7,7 +7,7 @@ from scipy.spatial.distance import cdist
 from codes.errors import UserError
 from codes.export import leave_one_out, loo_images
 from codes.inspection import score_maps
-from codes.prediction import SearchBank
+from codes.methods.patchsvdd import SearchBank
 from codes.thresholds import Thresholds, compute_thresholds, min_max_normalize
 
 TRAIN = np.array([0.5, 0.1, 0.4, 0.2, 0.3])

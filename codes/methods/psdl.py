@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import LAYERS
-from .errors import UserError
-from .gaussians import fit_gaussians, mahalanobis
-from .score_maps import smooth, upsample
-from .sparse_coding import approximate_ksvd, dct_dictionary, omp
-from .threads import one_thread
+from ..backbones import LAYERS
+from ..errors import UserError
+from .base import FeaturesOf
+from ..gaussians import fit_gaussians, mahalanobis
+from ..score_maps import smooth, upsample
+from ..sparse_coding import approximate_ksvd, dct_dictionary, omp
+from ..threads import one_thread
 
 KINDS = ('single', 'multiple')
 SPARSITY = 0.25
@@ -78,6 +79,7 @@ def code_pairs(dictionary: torch.Tensor, signals: torch.Tensor, codes: torch.Ten
 class PSDL:
     name = 'psdl'
     resize_filter = 'bicubic'
+    held_out_rule = 'held-out folds (K-SVD refitted without them)'
 
     def __init__(self, channels: tuple[int, int, int], kind: str = 'single', layer: str = 'layer3',
                  iterations: int = ITERATIONS, image_size: int = 224) -> None:
@@ -137,3 +139,20 @@ class PSDL:
     def score(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, None]:
         """(maps (N, size, size), None: the image score is the map's maximum)."""
         return smooth(upsample(self.patch_scores(features), self.image_size, 'bicubic')), None
+
+    def held_out(self, features_of: FeaturesOf, which: np.ndarray, n_train: int) -> tuple[np.ndarray, None]:
+        """Maps of the training images `which` by held-out folds: each fold is scored by dictionaries refitted
+        (K-SVD) on the other training images. A fold is at most a fifth of them, so that every refit sees
+        at least 80% of the data; `which` of 20 out of 200 is one fold, one refit."""
+        which = np.asarray(which)
+        fold_size = max(1, n_train // 5)
+        features = features_of(np.arange(n_train))
+        maps = []
+        for fold in np.array_split(which, -(-len(which) // fold_size)):
+            keep = np.setdiff1d(np.arange(n_train), fold)
+            if len(keep) < 2:
+                raise UserError('PSDL\'s held-out thresholds need at least 2 training images outside each fold')
+            refit = PSDL(self.channels, self.kind, self.layer, self.iterations, self.image_size)
+            refit.load_state(refit.fit({k: v[keep] for k, v in features.items()}))
+            maps.append(refit.score({k: v[fold] for k, v in features.items()})[0])
+        return np.concatenate(maps), None

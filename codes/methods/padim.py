@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import LAYERS
-from .errors import UserError
-from .gaussians import GaussianSums, whitened_distances, whitening
-from .score_maps import smooth, upsample
+from ..backbones import LAYERS
+from ..errors import UserError
+from .base import FeaturesOf
+from ..gaussians import GaussianSums, whitened_distances, whitening
+from ..score_maps import smooth, upsample
 
 SEED = 1024
 # d per backbone: the repository's 100 of R18's 448 and 550 of WRN50-2's 1792; for EfficientNet-Lite0's
@@ -76,6 +77,7 @@ def by_position(emb: torch.Tensor) -> torch.Tensor:
 class PaDiM:
     name = 'padim'
     resize_filter = 'lanczos'       # padim_main.py reads MVTec with LANCZOS (the PSDL loader uses BICUBIC)
+    held_out_rule = 'leave-one-image-out (Gaussians without the image, closed form)'
 
     def __init__(self, channels: tuple[int, ...], d: int, image_size: int = 224) -> None:
         self.idx = channel_subset(sum(channels), d)
@@ -119,3 +121,25 @@ class PaDiM:
     def score(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
         """(maps (N, size, size), None: the image score is the map's maximum)."""
         return smooth(upsample(self.patch_scores(features), self.image_size, 'bicubic')), None
+
+    def held_out(self, features_of: FeaturesOf, which: np.ndarray, n_train: int) -> tuple[np.ndarray, None]:
+        """Maps of the training images `which`, each against the Gaussians fitted without it (closed form).
+
+        Without sample x, the mean is m' = m - v / (N - 1) (v = x - m) and the scatter loses N / (N - 1) v v^T,
+        so cov' + eps I = B - c v v^T with B = (N - 1) / (N - 2) (cov - eps I) + eps I, c = N / ((N - 1)(N - 2)),
+        the same B for every sample. With q = v^T B^-1 v (Sherman-Morrison), the squared distance of x to
+        its left-out Gaussian is (N / (N - 1))^2 q / (1 - c q): one whitening for all the training images."""
+        N = n_train
+        if N < 3:
+            raise UserError('PaDiM\'s leave-one-out thresholds need at least 3 training images')
+        mean = torch.from_numpy(self.mean).double()
+        eye = torch.eye(self.d, dtype=torch.float64)
+        B = (torch.from_numpy(self.cov).double() - COV_EPS * eye) * ((N - 1) / (N - 2)) + COV_EPS * eye
+        inverse_factor = whitening(B)
+        c = N / ((N - 1) * (N - 2))
+        out = []
+        for emb in embedding_chunks(features_of(which), torch.tensor(self.idx)):
+            n, _, h, w = emb.shape
+            q = whitened_distances(by_position(emb), mean, inverse_factor).square()
+            out.append((q / (1 - c * q)).sqrt().mul(N / (N - 1)).T.reshape(n, h, w))
+        return smooth(upsample(torch.cat(out).numpy(), self.image_size, 'bicubic')), None

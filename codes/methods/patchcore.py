@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .coreset import k_center_greedy_plain, k_center_greedy_pruned
-from .nearest_neighbor import nearest_distances
-from .score_maps import smooth
+from ..coreset import k_center_greedy_plain, k_center_greedy_pruned
+from ..nearest_neighbor import nearest_distances
+from ..score_maps import smooth
+from .base import FeaturesOf
 
 K_NEIGHBOURS = 9
 PROJECTION_EPS = 0.9
@@ -68,6 +69,7 @@ def reweight(knn: torch.Tensor, max_scores: torch.Tensor) -> torch.Tensor:
 class PatchCore:
     name = 'patchcore'
     resize_filter = 'bicubic'
+    held_out_rule = "leave-one-image-out (the coreset without the image's rows)"
 
     def __init__(self, coreset_ratio: float = 0.01, image_size: int = 224,
                  device: torch.device | str = 'cpu') -> None:
@@ -88,21 +90,40 @@ class PatchCore:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.coreset = state['coreset']
+        self.selected = state.get('selected')
 
     def valid(self, state: dict[str, np.ndarray]) -> bool:
-        return 'coreset' in state and state['coreset'].ndim == 2 and len(state['coreset']) >= 1
+        return ('coreset' in state and state['coreset'].ndim == 2 and len(state['coreset']) >= 1
+                and 'selected' in state and state['selected'].shape == (len(state['coreset']),))
 
     def score(self, features: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """(maps (N, size, size), image scores (N,))."""
-        feats = patch_features(features)
+        return self._score(patch_features(features))
+
+    def held_out(self, features_of: FeaturesOf, which: np.ndarray, n_train: int) -> tuple[np.ndarray, np.ndarray]:
+        """Maps and image scores of the training images `which`, each against the coreset without the rows
+        taken from its own patches (leave-one-image-out; `selected` says which image each row came from)."""
+        feats = patch_features(features_of(which))
+        per_image = feats.shape[-2] * feats.shape[-1]
+        return self._score(feats, np.asarray(which), self.selected // per_image)
+
+    def _score(self, feats: torch.Tensor, groups: np.ndarray | None = None,
+               coreset_groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """With `groups` (one training image index per scored image), no image is scored against rows of its own."""
         n, _, h, w = feats.shape
         rows = as_rows(feats).numpy()
-        patch = nearest_distances(rows, self.coreset, 'exact', self.device, desc='search coreset').reshape(n, h, w)
+        query_groups = None if groups is None else np.repeat(groups, h * w)
+        patch = nearest_distances(rows, self.coreset, 'exact', self.device, desc='search coreset',
+                                  query_groups=query_groups, bank_groups=coreset_groups).reshape(n, h, w)
         # The k nearest coreset patches of each image's highest-scoring patch: a small exact search.
         top = rows.reshape(n, h * w, -1)[np.arange(n), patch.reshape(n, -1).argmax(1)]
+        dist = torch.cdist(torch.from_numpy(top).double(), torch.from_numpy(self.coreset).double())
         k = min(K_NEIGHBOURS, len(self.coreset))
-        knn = torch.cdist(torch.from_numpy(top).double(), torch.from_numpy(self.coreset).double()).topk(
-            k, dim=1, largest=False).values
+        if groups is not None:
+            own = torch.from_numpy(np.asarray(groups)[:, None] == np.asarray(coreset_groups)[None, :])
+            dist = dist.masked_fill(own, float('inf'))
+            k = min(k, int((~own).sum(1).min()))
+        knn = dist.topk(k, dim=1, largest=False).values
         image_scores = reweight(knn, torch.from_numpy(patch.reshape(n, -1).max(1)).double()).numpy()
         maps = np.stack([cv2.resize(m.astype(np.float32), (self.image_size, self.image_size),
                                     interpolation=cv2.INTER_LINEAR) for m in patch]).astype(np.float64)
