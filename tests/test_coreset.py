@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from codes.coreset import BLOCK, _Distances, k_center_greedy_plain, k_center_greedy_pruned
-from codes.patchcore import PatchCore, as_rows, k_center_greedy, patch_features
+from codes.coreset import BLOCK, _Distances, _full_distances, k_center_greedy_plain, k_center_greedy_pruned
+from codes.methods.patchcore import PatchCore, as_rows, k_center_greedy, patch_features
 
 BOTTLE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mvtec' / 'bottle'
 
@@ -49,16 +49,28 @@ def test_pruned_equals_plain_on_tiny_inputs(n: int) -> None:
         same_picks(x, n_select)
 
 
-def test_recomputed_rows_get_the_full_products_floats() -> None:
+@pytest.mark.parametrize('threads', [None, 1, 2])
+@pytest.mark.parametrize('n', [2 * BLOCK * 50 + 13, 2 * BLOCK * 50, BLOCK - 3])
+def test_recomputed_rows_get_the_full_products_floats(threads: int | None, n: int) -> None:
+    # the caller's thread count must not matter: with MKL on two threads a full product's rows near the
+    # threads' split (n / 2, not a multiple of 4) go through its one-row tail kernel and change floats
     rng = np.random.default_rng(3)
-    x = torch.from_numpy(clustered(rng, 2 * BLOCK * 50 + 13, 152, 20))
+    x = torch.from_numpy(clustered(rng, n, 152, 20))
     norms = (x * x).sum(1)
-    dist = _Distances(x)
-    for centre in (0, 7, len(x) - 1):
-        full = (norms - 2 * (x @ x[centre]) + norms[centre]).clamp_min(0).numpy()
-        for k in (1, 3, 5, 100, 1001):
-            rows = rng.choice(len(x), k, replace=False)
-            assert np.array_equal(dist(rows, centre), full[rows])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wants = {centre: _full_distances(x, norms, centre).numpy() for centre in (0, 7, n - 1)}
+        torch.set_num_threads(threads or before)
+        dist = _Distances(x)
+        for centre, want in wants.items():
+            full = _full_distances(x, norms, centre).numpy()
+            assert np.array_equal(full, want)
+            for k in (1, 3, 5, 100, 1001, n):
+                rows = rng.choice(n, min(k, n), replace=False)
+                assert np.array_equal(dist(rows, centre), full[rows])
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_patchcore_greedy_by_hand_and_on_cpu_is_the_pruned() -> None:
