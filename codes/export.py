@@ -9,27 +9,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import metrics
 from .backbones import feature_weights
 from .checkpoints import file_sha256, load_encoder
-from .embeddings import iter_batches
 from .errors import UserError
 from .files import check_writable
-from .inspection import score_maps
 from .memory_bank import load_or_build
 from .model_file import Model
 from .devices import resolve_device
 from .methods.backbone import BackboneDetector, fit_method
 from .methods.base import Clock
-from .methods.patchsvdd import PatchSVDDDetector, SearchBank, encoder_path, search_methods
+from .methods.patchsvdd import PatchSVDDDetector, encoder_path, normal_scores
 from .mvtecad import (CROP_RESIZE, CROP_SIZE, GOOD, ClassFiles, find_class, list_images, load_class, load_class_cropped,
                       resolve_data_root)
 from .state_cache import cache_dir_for
 from .thresholds import compute_thresholds
 
-MAP_CHUNK = 16   # images whose maps are assembled at once (bounds memory, 0.5 MiB per map)
 
 
 def find_export_class(root: Path, obj: str) -> ClassFiles:
@@ -52,19 +48,6 @@ def loo_images(n_train: int, limit: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n_train - 1, max(limit, 1)).round().astype(np.int64))
 
 
-def leave_one_out(search: SearchBank, emb64: np.ndarray, emb32: np.ndarray, which: np.ndarray,
-                  device: torch.device | str = 'cpu') -> tuple[np.ndarray, float, float]:
-    """Each chosen training image's score against the bank without its own patches (one search per K),
-    and the lowest and highest pixel of their maps."""
-    s64, s32 = search.distances(emb64[which], emb32[which], device, leave_out=which)
-    scores, low, high = np.empty(len(which)), np.inf, -np.inf
-    for sl in iter_batches(len(which), MAP_CHUNK):
-        maps = score_maps(s64[sl], s32[sl])['mult']
-        scores[sl] = maps.max(axis=(1, 2))
-        low, high = min(low, float(maps.min())), max(high, float(maps.max()))
-    return scores, low, high
-
-
 def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Model:
     """The model for args (main_evaluate.py's flags plus --normal_quantile, --threshold_from,
     --normal_images), of --method. Checks the inputs and that `outputs` can be written before any work."""
@@ -80,18 +63,15 @@ def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] 
     enc = load_encoder(ckpt, args.D, device)
     test = load_class(files, args.resize, train=False) if files.test else None   # bad images stop it before writes
     bank, _ = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size)
-    search = SearchBank.from_arrays(bank.mean, bank.emb64, bank.emb32, args.nn, bank.ngt32)
-    if 'exact' in search_methods(args.nn) and device.type != 'cuda':
-        for K in ('64', '32'):     # the cell indexes cached with the memory bank travel in the model file
-            cached = bank.search(K, 'exact', device)
-            search.searches[(K, str(device), False)] = cached
-            search.index.update({f'exact{K}.{k}': v for k, v in cached.arrays().items()})
+    if args.nn != 'brute' and device.type != 'cuda':
+        for K in ('64', '32'):     # the cell indexes (cached with the memory bank) travel in the model file
+            bank.search(K, 'exact', device)
     which = loo_images(len(files.train), args.normal_images)
-    train_scores, pixel_low, pixel_high = leave_one_out(search, bank.emb64, bank.emb32, which, device)
+    train_scores, pixel_low, pixel_high = normal_scores(bank, which, device)
     test_scores = test_maps = None
     if test is not None:
-        test_maps, test_scores = PatchSVDDDetector(enc, search, None, args.resize, device,
-                                                   args.batch_size).score(test.test)
+        detector = PatchSVDDDetector(enc, bank, None, args.resize, args.nn, device, args.batch_size, args.nn_eps)
+        test_maps, test_scores = detector.score(test.test)
     thresholds = compute_thresholds(train_scores, (pixel_low, pixel_high), args.normal_quantile, args.threshold_from,
                                     test_scores, files.labels if test is not None else None, test_maps,
                                     test.masks if test is not None else None)
@@ -104,7 +84,7 @@ def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] 
             'export_seconds': round(time.perf_counter() - started, 1)}
     encoder = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in enc.state_dict().items()}
     return Model.patchsvdd(args.D, args.resize, args.nn, encoder, bank.mean, bank.emb64, bank.emb32, thresholds, info,
-                           index=search.index, ngt32=bank.ngt32)
+                           index=bank.index, ngt32=bank.ngt32)
 
 
 def build_method_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Model:

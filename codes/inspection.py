@@ -13,7 +13,7 @@ from . import metrics, reports
 from .embeddings import STRIDE_32, STRIDE_64, embed_images
 from .memory_bank import MemoryBank
 from .mvtecad import IMAGE_SIZE, LoadedClass
-from .nearest_neighbor import DEFAULT_EPS, as_rows, distances_to
+from .nearest_neighbor import DEFAULT_EPS
 from .networks import EncoderHier
 
 MAP_NAMES = ('64', '32', 'sum', 'mult')
@@ -79,9 +79,7 @@ def patch_scores(bank: MemoryBank, emb: np.ndarray, K: str, method: str, device:
                  eps: float = DEFAULT_EPS) -> np.ndarray:
     """Distance of each test patch code (..., D) to its nearest K bank row, with the bank's (cached) search
     (`eps`: approx's certified ratio 1 + eps)."""
-    rows = as_rows(emb)
-    ids = bank.search(K, method, device, eps=eps).nearest_ids(rows, desc=f'search K={K}')
-    return distances_to(rows, as_rows(bank.emb64 if K == '64' else bank.emb32), ids).reshape(emb.shape[:-1])
+    return bank.distances(K, emb, method, device, eps)
 
 
 def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'exact',

@@ -1,4 +1,6 @@
-"""The memory bank: a checkpoint's training-patch embeddings and their search indexes, computed once and cached.
+"""The memory bank, Patch SVDD's fitted state: a checkpoint's training-patch embeddings and their search
+indexes, computed once and cached; evaluation, export, prediction and the service search it through
+`MemoryBank.search` / `MemoryBank.distances`.
 
 A cache entry is a folder named by a digest of its key: the checkpoint's SHA-256, each training
 image's name and SHA-256, the resize filter and the bank format. Changed inputs give another key;
@@ -23,7 +25,8 @@ from . import state_cache
 from .checkpoints import file_sha256
 from .embeddings import embed_images
 from .mvtecad import ClassFiles, load_images, mean_image
-from .nearest_neighbor import DEFAULT_EPS, ApproxSearch, ExactSearch, NGTSearch, make_search
+from .nearest_neighbor import (DEFAULT_EPS, ApproxSearch, ExactSearch, NGTSearch, as_rows, distances_to, make_search,
+                               nearest_distances)
 from .networks import EncoderHier
 
 BANK_FORMAT = 1
@@ -33,39 +36,79 @@ BANK_FILE = 'bank.npz'
 
 @dataclass
 class MemoryBank:
+    """Patch SVDD's fitted state and its searches: the training codes, and the search objects over them, made
+    once per run (from the cache entry's or the model file's saved index when there is one, else built)."""
     mean: np.ndarray              # the training set's mean image (HxWx3 float32), to standardise test images
     emb64: np.ndarray             # (N_train, 13, 13, D) codes of the 64x64 patches
     emb32: np.ndarray             # (N_train, 57, 57, D) codes of the 32x32 patches
     folder: Path | None = None    # its cache entry, where search indexes are kept; None: not cached
+    # the exact search's cell indexes as arrays (`exact64.<name>`, `exact32.<name>`): read from a model file,
+    # or as this run used them (so that an export writes them into the model file)
+    index: dict[str, np.ndarray] = field(default_factory=dict)
+    ngt_path: Path | None = None  # where the K=32 NGT index is kept when the bank has no cache entry
     searches: dict = field(default_factory=dict, repr=False)   # (K, method, device) -> fitted search
 
     @property
     def ngt32(self) -> Path | None:
         """Where the NGT index of emb32 is (or is to be) kept."""
-        return None if self.folder is None else self.folder / 'ngt32'
+        return self.folder / 'ngt32' if self.folder is not None else self.ngt_path
+
+    def codes(self, K: str) -> np.ndarray:
+        return self.emb64 if K == '64' else self.emb32
 
     def search(self, K: str, method: str, device: torch.device | str = 'cpu', background: bool = False,
                eps: float = DEFAULT_EPS):
         """The fitted search object of method over the K ('64' or '32') bank, ready to query: from this run,
-        else from the cache entry, else built (and added to the entry). `background`: the caller runs on
-        another thread than torch's work (the exact search then leaves torch's thread count alone).
-        `eps`: approx's certified ratio; approx shares the exact search's cell index."""
+        else from the cache entry or the saved index, else built (and added to the entry). `background`: the
+        caller runs on another thread than torch's work (the exact search then leaves torch's thread count
+        alone). `eps`: approx's certified ratio; approx shares the exact search's cell index."""
         device = torch.device(device)
         key = (K, method, str(device)) + ((float(eps),) if method == 'approx' else ())
         if method == 'approx' and device.type != 'cuda':
             if key not in self.searches:
                 self.searches[key] = ApproxSearch.of(self.search(K, 'exact', device, background), eps)
         elif key not in self.searches:
-            emb = self.emb64 if K == '64' else self.emb32
+            emb = self.codes(K)
             if method == 'exact' and device.type != 'cuda':
-                search = (cached_exact_search(emb, self.folder / f'exact{K}.npz', device, background)
-                          if self.folder is not None else ExactSearch(device).fit(emb, background=background))
-                self.searches[key] = search.prepare()
+                self.searches[key] = self._exact_search(K, emb, device, background).prepare()
             elif method == 'ngt' and K == '32':
                 self.searches[key] = NGTSearch(self.ngt32).fit(emb)
             else:
                 self.searches[key] = make_search(method, device, eps=eps).fit(emb)
         return self.searches[key]
+
+    def _exact_search(self, K: str, emb: np.ndarray, device: torch.device, background: bool) -> ExactSearch:
+        prefix = f'exact{K}.'
+        saved = {k[len(prefix):]: v for k, v in self.index.items() if k.startswith(prefix)}
+        search = ExactSearch.from_arrays(emb, saved, device) if saved else None
+        if search is None:
+            search = (cached_exact_search(emb, self.folder / f'exact{K}.npz', device, background)
+                      if self.folder is not None else ExactSearch(device).fit(emb, background=background))
+        if search.arrays() is not None:
+            self.index.update({prefix + k: v for k, v in search.arrays().items()})
+        return search
+
+    def image_of_rows(self, K: str) -> np.ndarray:
+        """For each row of the K bank, the training image it came from."""
+        emb = self.codes(K)
+        return np.repeat(np.arange(len(emb)), emb[0, ..., 0].size)
+
+    def distances(self, K: str, queries: np.ndarray, method: str, device: torch.device | str = 'cpu',
+                  eps: float = DEFAULT_EPS, leave_out: np.ndarray | None = None) -> np.ndarray:
+        """Distance of each query code (n, h, w, D) to its nearest K bank row. `leave_out` (one training image
+        per query image) keeps each query away from its own image's rows: leave-one-image-out, by an exact
+        search of its own (in which equal rows of different images are kept apart), made once per run."""
+        if leave_out is None:
+            search = self.search(K, method, device, eps=eps)
+            rows = as_rows(queries)
+            ids = search.nearest_ids(rows, desc=f'search K={K}')
+            return distances_to(rows, as_rows(self.codes(K)), ids).reshape(queries.shape[:-1])
+        key = (K, 'leave_out', str(device))
+        if key not in self.searches:
+            self.searches[key] = ExactSearch(device).fit(self.codes(K), self.image_of_rows(K))
+        groups = np.repeat(np.asarray(leave_out), queries[0, ..., 0].size)
+        return nearest_distances(queries, self.codes(K), 'exact', device, desc=f'search K={K} (leave one out)',
+                                 query_groups=groups, bank_groups=self.image_of_rows(K), search=self.searches[key])
 
 
 def build_bank(enc: EncoderHier, train_images: np.ndarray, device: torch.device | str,

@@ -18,12 +18,13 @@ from safetensors.numpy import save as safetensors_bytes
 import main_evaluate
 import main_export
 import main_predict
-from codes import export, model_file
+from codes import model_file
 from codes.checkpoints import file_sha256, load_encoder, save_module
 from codes.memory_bank import build_bank
 from codes.mvtecad import find_class, load_class, load_images
 from codes.networks import EncoderHier
-from codes.methods.patchsvdd import PatchSVDDDetector, SearchBank
+from codes.memory_bank import MemoryBank
+from codes.methods.patchsvdd import PatchSVDDDetector, normal_scores
 from codes.thresholds import min_max_normalize
 
 def exits(main, argv, capsys, code: int) -> tuple[str, str]:
@@ -84,9 +85,9 @@ def test_round_trip_gives_the_same_scores(exported, tmp_path):
     for name in ('mean', 'emb64', 'emb32'):
         assert np.allclose(getattr(loaded, name), getattr(bank, name), atol=1e-6)
     test = load_class(files, 'nearest', train=False).test
-    direct = PatchSVDDDetector(enc, SearchBank.from_arrays(bank.mean, bank.emb64, bank.emb32, 'exact'), None, 'nearest').maps(test)
-    search = SearchBank.from_arrays(loaded.mean, loaded.emb64, loaded.emb32, loaded.nn)
-    from_file = PatchSVDDDetector(loaded.encoder_module(), search, loaded.thresholds, loaded.resize).maps(test)
+    direct = PatchSVDDDetector(enc, bank, None, 'nearest').maps(test)
+    search = MemoryBank(loaded.mean, loaded.emb64, loaded.emb32, index=loaded.index)
+    from_file = PatchSVDDDetector(loaded.encoder_module(), search, loaded.thresholds, loaded.resize, loaded.nn).maps(test)
     assert np.allclose(from_file, direct, rtol=1e-5, atol=0)
     model_file.save_model(loaded, tmp_path / 'again.safetensors')
     again = model_file.load_model(tmp_path / 'again.safetensors')
@@ -308,8 +309,7 @@ def test_export_from_normal_images_only(exported, tmp_path, capsys):
     t = model.thresholds
     assert (t.image_source, t.pixel_source, t.f1_image, t.normal_quantile) == ('normal', 'normal', None, 0.5)
     # the median of the six leave-one-out training scores, recomputed here
-    search = SearchBank.from_arrays(model.mean, model.emb64, model.emb32, 'exact')
-    scores, _, _ = export.leave_one_out(search, model.emb64, model.emb32, np.arange(6))
+    scores, _, _ = normal_scores(MemoryBank(model.mean, model.emb64, model.emb32), np.arange(6))
     assert t.image == pytest.approx(np.median(scores)) and t.pixel == t.image
     assert t.image_min == pytest.approx(scores.min()) and t.image_max == pytest.approx(scores.max())
     assert 'from normal' in out and '0 test images' in out

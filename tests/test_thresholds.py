@@ -5,9 +5,10 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from codes.errors import UserError
-from codes.export import leave_one_out, loo_images
+from codes.export import loo_images
 from codes.inspection import score_maps
-from codes.methods.patchsvdd import SearchBank
+from codes.memory_bank import MemoryBank
+from codes.methods.patchsvdd import normal_scores
 from codes.thresholds import Thresholds, compute_thresholds, min_max_normalize
 
 TRAIN = np.array([0.5, 0.1, 0.4, 0.2, 0.3])
@@ -80,9 +81,9 @@ def test_leave_one_out_matches_brute_force():
     emb64 = rng.normal(size=(n, 13, 13, D)).astype(np.float32)
     emb32 = rng.normal(size=(n, 57, 57, D)).astype(np.float32)
     emb32[1] = emb32[0]     # image 1 duplicates image 0: without leaving it out its distances would be 0
-    search = SearchBank.from_arrays(np.zeros((256, 256, 3), np.float32), emb64, emb32, 'exact')
+    bank = MemoryBank(np.zeros((256, 256, 3), np.float32), emb64, emb32)
     which = np.array([0, 2])
-    scores, low, high = leave_one_out(search, emb64, emb32, which)
+    scores, low, high = normal_scores(bank, which)
     expected_maps = []
     for i in which:
         others = [j for j in range(n) if j != i]
@@ -93,7 +94,7 @@ def test_leave_one_out_matches_brute_force():
     assert np.allclose(scores, expected_maps.max(axis=(1, 2)), rtol=1e-5)
     assert low == pytest.approx(expected_maps.min(), rel=1e-5) and high == pytest.approx(expected_maps.max(), rel=1e-5)
     # image 0's nearest K=32 patches are image 1's exact copies: left out only its own
-    s = search.distances(emb64[:1], emb32[:1], leave_out=np.array([0]))[1]
+    s = bank.distances('32', emb32[:1], 'exact', leave_out=np.array([0]))
     assert np.all(s == 0)
 
 

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +20,14 @@ import torch
 
 from ..checkpoints import load_encoder, resolve_encoder_path
 from ..devices import resolve_device
-from ..embeddings import embed_images
 from ..errors import UserError
 from ..files import check_writable, make_dir
-from ..inspection import score_maps
+from ..inspection import Evaluation, anomaly_maps, score_maps
 from ..inspection import search_methods as method_pair
 from ..memory_bank import MemoryBank, load_or_build
 from ..model_file import Model
 from ..mvtecad import ClassFiles, LoadedClass, find_class, load_class, resize, resolve_data_root
-from ..nearest_neighbor import METHODS, ExactSearch, nearest_distances
+from ..nearest_neighbor import DEFAULT_EPS, METHODS
 from ..networks import EncoderHier
 from ..reports import note_undefined_metrics
 from ..state_cache import cache_dir_for, try_write
@@ -94,77 +93,12 @@ def search_methods(nn: str) -> tuple[str, str]:
     return method_pair(nn)
 
 
-@dataclass
-class SearchBank:
-    """The memory bank as the searches see it, kept for the whole run so that its search state is reused.
-
-    `ngt32` is where a K=32 NGT index is kept (built on first use, reopened after); `index` holds the
-    exact search's cell indexes (`exact64.<name>`, `exact32.<name>`: read from a model file, or built on
-    first use and then saved with an exported model); `searches` the fitted search objects of this run.
-    """
-    mean: np.ndarray            # (256,256,3) training mean image
-    emb64: np.ndarray           # (M64, D) rows
-    emb32: np.ndarray           # (M32, D) rows
-    nn: str
-    ngt32: Path | None = None
-    index: dict[str, np.ndarray] = field(default_factory=dict)
-    groups: tuple[np.ndarray, np.ndarray] | None = None   # per row: the training image it came from
-    searches: dict = field(default_factory=dict, repr=False)
-
-    def exact_search(self, K: str, device: torch.device | str, leave_out: bool = False) -> ExactSearch:
-        """The fitted exact search over the K bank: from the saved index, else built once for the run.
-        Leave-one-out needs its own index (equal rows of different images are kept apart)."""
-        key = (K, str(device), leave_out)
-        if key not in self.searches:
-            emb = self.emb64 if K == '64' else self.emb32
-            prefix = f'exact{K}.'
-            saved = {k[len(prefix):]: v for k, v in self.index.items() if k.startswith(prefix)}
-            search = None if leave_out or not saved else ExactSearch.from_arrays(emb, saved, device)
-            if search is None:
-                groups = self.groups[0 if K == '64' else 1] if leave_out else None
-                search = ExactSearch(device).fit(emb, groups)
-                if not leave_out and search.arrays() is not None:
-                    self.index.update({prefix + k: v for k, v in search.arrays().items()})
-            self.searches[key] = search
-        return self.searches[key]
-
-    @classmethod
-    def from_arrays(cls, mean: np.ndarray, emb64: np.ndarray, emb32: np.ndarray, nn: str,
-                    ngt32: Path | None = None, index: dict[str, np.ndarray] | None = None) -> SearchBank:
-        n = len(emb64)
-        groups = (np.repeat(np.arange(n), emb64[0, ..., 0].size), np.repeat(np.arange(n), emb32[0, ..., 0].size))
-        return cls(mean, emb64.reshape(-1, emb64.shape[-1]), emb32.reshape(-1, emb32.shape[-1]), nn, ngt32,
-                   index or {}, groups)
-
-    def distances(self, q64: np.ndarray, q32: np.ndarray, device: torch.device | str = 'cpu',
-                  leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Patch scores of (n,13,13,D) and (n,57,57,D) queries: one search per K for the whole batch.
-
-        `leave_out` (one training image index per query image) excludes that image's own patches from
-        its search (leave-one-image-out, exact search only)."""
-        method64, method32 = search_methods(self.nn)
-        groups64 = groups32 = bank64 = bank32 = None
-        if leave_out is not None:
-            method64 = method32 = 'exact'
-            groups64 = np.repeat(leave_out, q64[0, ..., 0].size)
-            groups32 = np.repeat(leave_out, q32[0, ..., 0].size)
-            bank64, bank32 = self.groups
-        loo = leave_out is not None
-        s64 = nearest_distances(q64, self.emb64, method64, device, desc='search K=64',
-                                query_groups=groups64, bank_groups=bank64,
-                                search=self.exact_search('64', device, loo) if method64 == 'exact' else None)
-        ngt = self.ngt32 if method32 == 'ngt' else None
-        s32 = nearest_distances(q32, self.emb32, method32, device, desc='search K=32', ngt_path=ngt,
-                                query_groups=groups32, bank_groups=bank32,
-                                search=self.exact_search('32', device, loo) if method32 == 'exact' else None)
-        return s64, s32
-
-
 @contextlib.contextmanager
-def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[SearchBank]:
-    """The model's bank ready to search with `nn`. An NGT index is built once (by the first search): under
-    <cache_dir>/models/<bank id>/ngt32 to be reused by later runs, or in a temporary folder with no cache;
-    a model built from the memory bank cache uses the index kept there."""
+def open_bank(model: Model, nn: str, cache_dir: Path | None) -> Iterator[MemoryBank]:
+    """A model file's memory bank, ready to search with `nn` (the exact search's cell indexes come with the
+    file). An NGT index is built once (by the first search): under <cache_dir>/models/<bank id>/ngt32 to be
+    reused by later runs, or in a temporary folder with no cache; a model built from the memory bank cache
+    uses the index kept there."""
     search_methods(nn)
     with contextlib.ExitStack() as stack:
         ngt32 = None
@@ -175,32 +109,36 @@ def open_search(model: Model, nn: str, cache_dir: Path | None) -> Iterator[Searc
             if folder is None or not try_write(folder, lambda: make_dir(folder, 'cache')):
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='patchsvdd-ngt-')))
             ngt32 = folder / 'ngt32'
-        yield SearchBank.from_arrays(model.mean, model.emb64, model.emb32, nn, ngt32, model.index)
+        yield MemoryBank(model.mean, model.emb64, model.emb32, index=dict(model.index), ngt_path=ngt32)
 
 
 ENCODER_BATCH = 8   # images per encoder pass, evaluation's default; a search batch may hold several passes
 
 
 class PatchSVDDDetector:
-    """Scores batches of 256x256 uint8 images with an encoder and a memory bank (base.Detector); `batch_size`
-    images are read together and searched with one call per K."""
+    """Scores batches of 256x256 uint8 images with an encoder and a memory bank (base.Detector), through
+    inspection.anomaly_maps, the code evaluation measures: one embedding pass and one search per K a batch."""
     method = 'patchsvdd'
 
-    def __init__(self, enc: EncoderHier, search: SearchBank, thresholds: Thresholds | None, resize_filter: str,
-                 device: torch.device | str = 'cpu', batch_size: int = 8):
-        self.enc, self.search, self.thresholds = enc.eval(), search, thresholds
+    def __init__(self, enc: EncoderHier, bank: MemoryBank, thresholds: Thresholds | None, resize_filter: str,
+                 nn: str = 'exact', device: torch.device | str = 'cpu', batch_size: int = 8,
+                 eps: float = DEFAULT_EPS):
+        search_methods(nn)
+        self.enc, self.bank, self.thresholds, self.nn, self.eps = enc.eval(), bank, thresholds, nn, eps
         self.resize, self.device, self.batch_size = resize_filter, torch.device(device), batch_size
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
         """A decoded HxWx3 uint8 image as the model reads it: squashed to 256x256 with the model's filter."""
         return resize(rgb, self.resize)
 
+    def evaluate(self, images: np.ndarray) -> Evaluation:
+        """The patch scores and the four maps (K64, K32, sum, mult) of 256x256 images."""
+        return anomaly_maps(self.enc, self.bank, images, self.nn, self.device,
+                            min(self.batch_size, ENCODER_BATCH), self.eps)
+
     def maps(self, images: np.ndarray) -> np.ndarray:
-        """The `mult` maps (n,256,256) float64: one embedding pass and one search per K for the batch."""
-        q64, q32 = embed_images(self.enc, images, self.search.mean, self.device, min(self.batch_size, ENCODER_BATCH),
-                                desc='embed')
-        s64, s32 = self.search.distances(q64, q32, self.device)
-        return score_maps(s64, s32)['mult']
+        """The `mult` maps (n,256,256) float64."""
+        return self.evaluate(images).maps['mult']
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mult maps, image scores: each map's maximum), as evaluation scores them."""
@@ -208,10 +146,25 @@ class PatchSVDDDetector:
         return maps, maps.max(axis=(1, 2))
 
 
+def normal_scores(bank: MemoryBank, which: np.ndarray, device: torch.device | str = 'cpu',
+                  chunk: int = 16) -> tuple[np.ndarray, float, float]:
+    """The training images `which`, each scored against the bank without its own patches (leave-one-image-out,
+    exact; one search per K), and the lowest and highest pixel of their maps (assembled `chunk` at a time)."""
+    s64 = bank.distances('64', bank.emb64[which], 'exact', device, leave_out=which)
+    s32 = bank.distances('32', bank.emb32[which], 'exact', device, leave_out=which)
+    scores, low, high = np.empty(len(which)), np.inf, -np.inf
+    for start in range(0, len(which), chunk):
+        maps = score_maps(s64[start:start + chunk], s32[start:start + chunk])['mult']
+        scores[start:start + chunk] = maps.max(axis=(1, 2))
+        low, high = min(low, float(maps.min())), max(high, float(maps.max()))
+    return scores, low, high
+
+
 @contextlib.contextmanager
 def open_detector(model: Model, device: torch.device, batch_size: int = 32, nn: str | None = None,
                   cache_dir: Path | None = None) -> Iterator[PatchSVDDDetector]:
     """A Patch SVDD model file's detector, its search (`nn`, default the model's) kept while it is open."""
-    with open_search(model, nn or model.nn, cache_dir) as search:
-        yield PatchSVDDDetector(model.encoder_module(device), search, model.thresholds, model.resize, device,
+    nn = nn or model.nn
+    with open_bank(model, nn, cache_dir) as bank:
+        yield PatchSVDDDetector(model.encoder_module(device), bank, model.thresholds, model.resize, nn, device,
                                 batch_size)
