@@ -40,8 +40,8 @@ def open_detector(model: Model, device: torch.device | str = 'cpu', batch_size: 
 class ImageResult:
     """One input's outcome: its map (None when it failed) and the numbers derived from it."""
     path: Path
-    image: np.ndarray | None = None     # the 256x256 resized image
-    map: np.ndarray | None = None       # the raw mult map
+    image: np.ndarray | None = None     # the image as the method read it (256x256, or the 224x224 crop)
+    map: np.ndarray | None = None       # the raw map (Patch SVDD's mult map)
     score: float | None = None
     normalized: float | None = None
     anomalous: bool | None = None

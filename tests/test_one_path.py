@@ -276,3 +276,22 @@ def test_backbone_from_model_weights_gives_the_same_features(models, synthetic_r
     images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     a, b = rebuilt.features(images), full.features(images)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_readme_python_api_example_runs(models, work, capsys):
+    """README's Python API block, run as written, with this test's model and images in place of bottle's."""
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    block = next(b for b in re.findall(r'```python\n(.*?)```', readme, re.S) if 'Inspector(' in b)
+    test = str(work['root'] / 'synthetic' / 'test') + '/'
+    code = (block.replace("'../shared/data/mvtec/bottle/test/'", repr(test))
+            .replace("'bottle-patchcore.safetensors'", repr(str(models['patchcore'])))
+            .replace('broken_large/000.png', 'scratch/000.png'))
+    assert code.count(test) == 1 and str(models['patchcore']) in code
+    exec(compile(code, 'README.md', 'exec'), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    threshold = float(lines[2].split()[0])
+    good, scratch = (line.split() for line in lines[:2])
+    assert float(scratch[0]) > float(good[0]) and good[2] == 'False'
+    assert all(row[2] == str(float(row[0]) >= threshold) for row in (good, scratch))
+    assert lines[2].split()[1] == 'patchcore'
