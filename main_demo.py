@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def run(out_dir: Path, device: str) -> None:
     print(f'2/4 training ({EPOCHS} short epochs)')
     main_train.main(common + [f'--epochs={EPOCHS}', '--repeat=40', '--batch_size=32'])
     print('3/4 evaluating')
-    main_evaluate.main(common + [f'--epochs={EPOCHS}', f'--results_dir={out_dir / "results"}'])
+    main_evaluate.main(common + [f'--epochs={EPOCHS}', f'--out_dir={out_dir / "results"}'])
     print('4/4 drawing anomaly maps')
     main_visualize.main(common + [f'--epochs={EPOCHS}', f'--out_dir={out_dir / "anomaly_maps" / OBJ}'])
     print(f'done: data {data_root}, checkpoints {ckpt_dir / OBJ}, results {out_dir / "results" / OBJ}, '
@@ -35,7 +34,8 @@ def run(out_dir: Path, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli.ArgumentParser(prog='main_demo.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog='main_demo.py', description=__doc__, examples=(
+        'python main_demo.py', 'python main_demo.py --out_dir=demo_output'))
     parser.add_argument('--out_dir', default=None, help='where everything goes (default: a new temporary folder)')
     parser.add_argument('--device', default='cpu', help='cpu (default) or cuda')
     args = parser.parse_args(argv)

@@ -19,11 +19,16 @@ from codes.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog='main_evaluate.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog='main_evaluate.py', description=__doc__, examples=(
+        'python main_evaluate.py --obj=bottle --data_root=/data/mvtec --ckpt=ckpts/bottle/enchier.pkl',
+        'python main_evaluate.py --obj=bottle --data_root=/data/mvtec --epochs=300    # main_train.py\'s checkpoint',
+        'python main_evaluate.py --obj=all --data_root=/data/mvtec --ckpt_dir=ckpts --method=all'))
     cli.add_data_args(parser, obj_help='class name, comma list of names, or all (default bottle)')
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)
-    parser.add_argument('--results_dir', default='results', help='where result files go (default results)')
+    parser.add_argument('--out_dir', dest='results_dir', default='results',
+                        help='where result files go (default results)')
+    cli.add_alias(parser, '--results_dir', 'results_dir')
     parser.add_argument('--save_maps', action='store_true',
                         help='also write the four 256x256 maps, labels and mask paths to results/<obj>/<run>_maps.npz')
     cli.add_method_args(parser, several=True)

@@ -13,16 +13,24 @@ from codes import cli, export, model_file, thresholds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog='main_export.py', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', required=True, help='the model file to write, e.g. bottle.safetensors')
+    parser = cli.ArgumentParser(prog='main_export.py', description=__doc__, examples=(
+        'python main_export.py --obj=bottle --data_root=/data/mvtec --ckpt=ckpts/bottle/enchier.pkl '
+        '--model=bottle.safetensors',
+        'python main_export.py --obj=bottle --data_root=/data/mvtec --method=patchcore --model=bottle-patchcore.safetensors',
+        'python main_export.py --obj=my_line --data_root=/data/lines --epochs=300 --threshold_from=normal '
+        '--model=my_line.safetensors'))
+    parser.add_argument('--model', dest='out', default=None, help='the model file to write, e.g. bottle.safetensors')
+    cli.add_alias(parser, '--out', 'out')
     cli.add_data_args(parser)
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)
     cli.add_threshold_args(parser)
     cli.add_method_args(parser)
     cli.add_run_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        parser.error('the following arguments are required: --model (the model file to write)')
+    return args
 
 
 def run(args: argparse.Namespace) -> None:

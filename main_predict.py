@@ -28,8 +28,10 @@ class SomeImagesFailed(UserError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog='main_predict.py', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog='main_predict.py', description=__doc__, examples=(
+        'python main_predict.py --model=bottle.safetensors --input=new_images/',
+        'python main_predict.py --model=bottle.safetensors --input="line3/**/*.png" --no_pictures --save_maps=npy',
+        'python main_predict.py --obj=bottle --data_root=/data/mvtec --input=new_images/    # no model file'))
     parser.add_argument('--input', nargs='+', required=True,
                         help='image files, folders (searched recursively) or globs (quote them: "imgs/**/*.png")')
     parser.add_argument('--model', default=None, help='a model file from main_export.py; then nothing else is needed')

@@ -22,8 +22,10 @@ TOKEN_ENV = 'PATCHSVDD_TOKEN'
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog='main_serve.py', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog='main_serve.py', description=__doc__, examples=(
+        'python main_serve.py --model=bottle.safetensors    # then open http://127.0.0.1:8000/',
+        'python main_serve.py --model bottle=bottle.safetensors --model cable=cable.safetensors --workers=2',
+        'PATCHSVDD_TOKEN=secret python main_serve.py --model=bottle.safetensors --host=0.0.0.0'))
     parser.add_argument('--model', action='append', required=True,
                         help='a model file from main_export.py, or name=file; repeat for several models '
                              '(the name defaults to the file name without .safetensors)')

@@ -14,7 +14,10 @@ from codes.training import TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog='main_train.py', description=__doc__)
+    parser = cli.ArgumentParser(prog='main_train.py', description=__doc__, examples=(
+        'python main_train.py --obj=bottle --data_root=/data/mvtec --lambda_value=1e-3',
+        'python main_train.py --obj=bottle --data_root=/data/mvtec --epochs=300 --resume',
+        'torchrun --nproc_per_node=4 main_train.py --obj=bottle --data_root=/data/mvtec --amp'))
     cli.add_data_args(parser)
     cli.add_model_args(parser)
     parser.add_argument('--epochs', type=cli.positive_int, default=300,

@@ -15,7 +15,10 @@ from codes.visualization import MethodMaps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog='main_visualize.py', description=__doc__)
+    parser = cli.ArgumentParser(prog='main_visualize.py', description=__doc__, examples=(
+        'python main_visualize.py --obj=bottle --data_root=/data/mvtec --ckpt=ckpts/bottle/enchier.pkl',
+        'python main_visualize.py --obj=bottle --data_root=/data/mvtec --method=patchcore',
+        'python main_visualize.py --obj=bottle --data_root=/data/mvtec --ckpt_dir=ckpts --method=all'))
     cli.add_data_args(parser, obj_help='class name, comma list of names, or all (default bottle)')
     cli.add_checkpoint_args(parser)
     cli.add_search_args(parser)

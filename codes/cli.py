@@ -18,7 +18,14 @@ from .state_cache import default_cache_dir
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line: `error: argument --epochs: must be at least 1, not 0`."""
+    """argparse that reports a bad flag in one line (`error: argument --epochs: must be at least 1, not 0`) and
+    ends --help with example commands."""
+
+    def __init__(self, *args, examples: tuple[str, ...] = (), **kwargs) -> None:
+        if examples:
+            kwargs['epilog'] = 'examples:\n' + '\n'.join(f'  {e}' for e in examples)
+            kwargs['formatter_class'] = argparse.RawDescriptionHelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f'error: {message} (see {self.prog} --help)\n')
@@ -160,6 +167,11 @@ def add_method_args(parser: argparse.ArgumentParser, several: bool = False) -> N
                              'wide_resnet50_2)')
     parser.add_argument('--coreset_ratio', type=positive_float, default=0.01,
                         help='patchcore: fraction of training patches kept in the coreset (default 0.01)')
+
+
+def add_alias(parser: argparse.ArgumentParser, alias: str, dest: str) -> None:
+    """An older spelling of a flag, still accepted (not listed in --help)."""
+    parser.add_argument(alias, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

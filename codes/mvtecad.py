@@ -51,7 +51,8 @@ def resolve_data_root(data_root: str | None) -> Path:
     root = data_root or os.environ.get('MVTEC_ROOT')
     if not root:
         raise UserError('no dataset root: pass --data_root=/path/to/mvtec_anomaly_detection '
-                        'or set the MVTEC_ROOT environment variable')
+                        'or set the MVTEC_ROOT environment variable (MVTec AD can be downloaded from '
+                        'https://www.mvtec.com/company/research/datasets/mvtec-ad)')
     path = Path(root).expanduser()
     if not path.is_dir():
         raise UserError(f'dataset root {path} is not a folder: pass --data_root (or MVTEC_ROOT) '

@@ -69,8 +69,8 @@ def save_random(shapes: dict[str, tuple[int, ...]], folder: Path, stem: str) -> 
     return tmp.rename(folder / f'{stem}-{digest[:8]}.pth')
 
 
-def test_efficientnet_lite0_classifies_imagenet_photos(shared):
-    photos = sorted((shared / 'imagenet_check').glob('*.jpeg'))
+def test_efficientnet_lite0_classifies_imagenet_photos(imagenet_photos):
+    photos = sorted(imagenet_photos.glob('*.jpeg'))
     assert len(photos) == 20
     assert photos[0].name.startswith('n01440764') and photos[19].name.startswith('n01592084')   # classes 0 and 19
     backbone = Backbone('efficientnet_lite0')

@@ -1,7 +1,6 @@
 """The pruned k-center greedy picks exactly the plain greedy's sequence (codes/coreset.py)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch
 from codes.coreset import BLOCK, _Distances, _full_distances, k_center_greedy_plain, k_center_greedy_pruned
 from codes.methods.patchcore import PatchCore, as_rows, k_center_greedy, patch_features
 
-BOTTLE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mvtec' / 'bottle'
 
 
 def clustered(rng: np.random.Generator, n: int, dim: int, n_clusters: int) -> np.ndarray:
@@ -79,11 +77,10 @@ def test_patchcore_greedy_by_hand_and_on_cpu_is_the_pruned() -> None:
     assert k_center_greedy_pruned(points, 4).tolist() == [0, 4, 5, 2]
 
 
-@pytest.mark.skipif(not BOTTLE.is_dir(), reason='needs the MVTec bottle images')
-def test_pruned_equals_plain_on_real_patchcore_features() -> None:
+def test_pruned_equals_plain_on_real_patchcore_features(mvtec_root) -> None:
     from codes.backbones import Backbone
     from codes.mvtecad import find_class, load_images_cropped
-    files = find_class(BOTTLE.parent, 'bottle')
+    files = find_class(mvtec_root, 'bottle')
     images = load_images_cropped(files.train[:10], PatchCore.resize_filter, 'train')
     rows = as_rows(patch_features(Backbone('efficientnet_lite0', None, 'cpu').features(images, 10))).contiguous()
     assert rows.shape == (7840, 152)

@@ -1,5 +1,5 @@
 """The authors' bottle encoder on the real bottle data against what the authors' code computed
-(../shared/reference), for both resize filters."""
+(tests/fixtures), for both resize filters."""
 import numpy as np
 import pytest
 
@@ -12,9 +12,9 @@ from tests.conftest import load_reference
 
 
 @pytest.fixture(scope='module', params=['nearest', 'bicubic'])
-def bottle(request, shared, mvtec_root, bottle_ckpt):
+def bottle(request, mvtec_root, bottle_ckpt):
     resize = request.param
-    info, ref_maps = load_reference(shared, resize)
+    info, ref_maps = load_reference(resize)
     data = mvtecad.load_class(mvtecad.find_class(mvtec_root, 'bottle'), resize)
     enc = load_encoder(bottle_ckpt, 64)
     mean = mvtecad.mean_image(data.train)

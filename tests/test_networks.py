@@ -1,6 +1,5 @@
 """Encoders, classifier, dense embedding and checkpoints."""
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from codes.errors import UserError
 from codes.losses import patch_svdd_losses
 from codes.mvtecad import OBJS
 from codes.networks import EncoderDeep, EncoderHier, PositionClassifier, count_parameters
+from tests.conftest import missing
 
 
 def test_output_shapes():
@@ -90,12 +90,14 @@ def test_classifier_is_not_an_encoder(tmp_path):
         load_into(EncoderHier(64, 64), path)
 
 
-def test_all_authors_checkpoints_load(shared):
-    sums = dict(line.split()[::-1] for line in (shared / 'ckpts' / 'SHA256SUMS').read_text().splitlines() if line)
+def test_all_authors_checkpoints_load(ckpt_dir, ckpt_sums):
     x = torch.zeros(1, 3, 64, 64)
     for obj in OBJS:
-        path = shared / 'ckpts' / obj / 'enchier.pkl'
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == sums[str(Path(obj) / 'enchier.pkl')]
+        path = ckpt_dir / obj / 'enchier.pkl'
+        if not path.is_file():
+            missing(f"the authors' {obj} checkpoint (not at {path})", 'python -m codes.pretrained download all '
+                    f'--ckpt_dir={ckpt_dir}')
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == ckpt_sums[f'{obj}/enchier.pkl']
         enc = load_encoder(path, 64)
         assert count_parameters(enc) == 401_984
         with torch.no_grad():

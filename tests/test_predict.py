@@ -315,10 +315,10 @@ def test_export_from_normal_images_only(exported, tmp_path, capsys):
     assert 'from normal' in out and '0 test images' in out
 
 
-def test_predict_agrees_with_evaluate_on_real_bottle(shared, bottle_ckpt, tmp_path, capsys, monkeypatch):
+def test_predict_agrees_with_evaluate_on_real_bottle(mvtec_root, bottle_ckpt, tmp_path, capsys, monkeypatch):
     """Predict's raw score = the max of main_evaluate's mult map (--save_maps), with and without --model."""
     monkeypatch.chdir(tmp_path)
-    bottle = shared / 'data' / 'mvtec' / 'bottle'
+    bottle = mvtec_root / 'bottle'
     root = tmp_path / 'data'
     cls = root / 'bottle_few'
     picks = {'train/good': ['000', '050', '100', '150', '180', '200'], 'test/good': ['000'],

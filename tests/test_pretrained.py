@@ -12,25 +12,24 @@ from codes.mvtecad import OBJS
 from tests.conftest import REPO
 
 
-def test_digests_are_the_shared_ones(shared):
-    listed = dict(line.split()[::-1] for line in (shared / 'ckpts' / 'SHA256SUMS').read_text().splitlines() if line)
-    assert pretrained.SHA256 == {obj: listed[f'{obj}/enchier.pkl'] for obj in OBJS}
+def test_digests_are_the_shared_ones(ckpt_sums):
+    assert pretrained.SHA256 == {obj: ckpt_sums[f'{obj}/enchier.pkl'] for obj in OBJS}
 
 
-def test_download_from_a_mirror_verifies_and_lands(shared, tmp_path):
+def test_download_from_a_mirror_verifies_and_lands(ckpt_dir, tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'codes.pretrained', 'download', 'bottle,zipper',
                            f'--ckpt_dir={tmp_path / "ckpts"}'], capture_output=True, text=True, cwd=REPO,
-                          env={'PATH': '', pretrained.URL_VARIABLE: (shared / 'ckpts').as_uri()}, timeout=120)
+                          env={'PATH': '', pretrained.URL_VARIABLE: ckpt_dir.as_uri()}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f'{tmp_path}/ckpts/{o}/enchier.pkl (SHA-256 verified)' for o in ('bottle', 'zipper')]
     for obj in ('bottle', 'zipper'):
-        assert (tmp_path / 'ckpts' / obj / 'enchier.pkl').read_bytes() == (shared / 'ckpts' / obj / 'enchier.pkl').read_bytes()
+        assert (tmp_path / 'ckpts' / obj / 'enchier.pkl').read_bytes() == (ckpt_dir / obj / 'enchier.pkl').read_bytes()
     assert sorted(p.name for p in (tmp_path / 'ckpts' / 'bottle').iterdir()) == ['enchier.pkl']
 
 
-def test_corrupted_mirror_is_refused_and_nothing_lands(shared, tmp_path, monkeypatch):
+def test_corrupted_mirror_is_refused_and_nothing_lands(bottle_ckpt, tmp_path, monkeypatch):
     mirror = tmp_path / 'mirror'
-    shutil.copytree(shared / 'ckpts' / 'bottle', mirror / 'bottle')
+    shutil.copytree(bottle_ckpt.parent, mirror / 'bottle')
     data = bytearray((mirror / 'bottle' / 'enchier.pkl').read_bytes())
     data[5000] ^= 0xFF
     (mirror / 'bottle' / 'enchier.pkl').write_bytes(bytes(data))
