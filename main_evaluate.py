@@ -7,9 +7,10 @@ or a method on a pre-trained backbone: `python main_evaluate.py --obj=bottle --m
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from codes import cli, inspection, metrics, mvtecad, reports, runs
 from codes.methods import patchsvdd
@@ -61,10 +62,17 @@ def evaluate_method(args: argparse.Namespace) -> dict:
               'metrics': {result.method: result.metrics}, 'settings': settings,
               'times_s': {**result.times, 'total': time.perf_counter() - started}}
     name = reports.method_run_name(result.method, backbone.name, detail)
+    return write(args, name, record, {result.method: result.maps}, result.image_scores, files)
+
+
+def write(args: argparse.Namespace, name: str, record: dict, maps: dict[str, np.ndarray], image_scores: np.ndarray,
+          files: mvtecad.ClassFiles) -> dict:
+    """The result files of one run: <out_dir>/<obj>/<name>.json, a summary.csv row and, with --save_maps,
+    the maps beside them."""
+    results_dir = Path(args.results_dir)
     if args.save_maps:
         maps_path = results_dir / args.obj / f'{name}_maps.npz'
-        reports.save_maps(maps_path, {result.method: result.maps}, result.image_scores, files.labels, files.test,
-                          files.masks)
+        reports.save_maps(maps_path, maps, image_scores, files.labels, files.test, files.masks)
         record['maps_npz'] = str(maps_path)
         print(f'maps written to {maps_path}')
     path = reports.write_result(results_dir, args.obj, name, record)
@@ -95,15 +103,7 @@ def evaluate_one(args: argparse.Namespace) -> dict:
         'times_s': {**run.times, **result.times, 'total': time.perf_counter() - started},
     }
     name = reports.run_name(run.ckpt, args.resize, args.nn + (f'{args.nn_eps:g}' if args.nn == 'approx' else ''))
-    if args.save_maps:
-        maps_path = results_dir / args.obj / f'{name}_maps.npz'
-        reports.save_maps(maps_path, result.maps, result.maps['mult'].max(axis=(1, 2)), files.labels, files.test,
-                          files.masks)
-        record['maps_npz'] = str(maps_path)
-        print(f'maps written to {maps_path}')
-    path = reports.write_result(results_dir, args.obj, name, record)
-    print(f'results written to {path}')
-    return record
+    return write(args, name, record, result.maps, result.maps['mult'].max(axis=(1, 2)), files)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -115,21 +115,13 @@ def run(args: argparse.Namespace) -> None:
         raise UserError('--ckpt names one checkpoint; for several classes use --ckpt_dir (holding <obj>/enchier.pkl) '
                         'or --epochs')
     present = runs.classes(args)
-    records, failed = [], []
-    for obj in present:
-        for one in runs.method_runs(args, obj):
-            print(f'== {obj}' + (f' {one.method}' if len(methods) > 1 else ''))
-            try:
-                records.append(evaluate_one(one))
-            except UserError as e:   # one class's (or method's) problem does not stop the others
-                print(f'error: {e}', file=sys.stderr)
-                failed.append(f'{obj}/{one.method}' if len(methods) > 1 else obj)
+    todo = [(f'{obj} {one.method}' if len(methods) > 1 else obj, one)
+            for obj in present for one in runs.method_runs(args, obj)]
+    records, failed = runs.each(todo, evaluate_one)
     if records:
         print()
         print(reports.method_table(records, times=True) if len(methods) > 1 else reports.markdown_table(records))
-    if failed:
-        what = 'runs' if len(methods) > 1 else 'classes'
-        raise UserError(f'{len(failed)} of {len(present) * len(methods)} {what} failed: {", ".join(failed)} (see above)')
+    runs.check_failures(failed, len(present) * len(methods), 'runs' if len(methods) > 1 else 'classes')
 
 
 def main(argv: list[str] | None = None) -> None:

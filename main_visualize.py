@@ -4,7 +4,6 @@ for one panel per image with every method's map; `--obj` a comma list or all).""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from codes import cli, inspection, mvtecad, runs, visualization
@@ -67,17 +66,10 @@ def run(args: argparse.Namespace) -> None:
         visualize_one(args, Path(args.out_dir) if args.out_dir else Path('anomaly_maps') / args.obj)
         return
     present = runs.classes(args)
-    failed = []
-    for obj in present:
-        print(f'== {obj}')
-        try:
-            visualize_one(argparse.Namespace(**{**vars(args), 'obj': obj}),
-                          Path(args.out_dir or 'anomaly_maps') / obj)
-        except UserError as e:   # one class's problem does not stop the others
-            print(f'error: {e}', file=sys.stderr)
-            failed.append(obj)
-    if failed:
-        raise UserError(f'{len(failed)} of {len(present)} classes failed: {", ".join(failed)} (see above)')
+    base = Path(args.out_dir or 'anomaly_maps')
+    _, failed = runs.each([(obj, argparse.Namespace(**{**vars(args), 'obj': obj})) for obj in present],
+                          lambda one: visualize_one(one, base / one.obj))
+    runs.check_failures(failed, len(present), 'classes')
 
 
 def main(argv: list[str] | None = None) -> None:

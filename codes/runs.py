@@ -3,6 +3,8 @@ or all), for main_evaluate.py and main_visualize.py alike."""
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 from .errors import UserError
 from .methods.patchsvdd import encoder_path
@@ -23,6 +25,25 @@ def classes(args: argparse.Namespace) -> list[str]:
     if not present:
         raise UserError(f'none of the classes {args.obj!r} is under the data root')
     return present
+
+
+def each(runs: list[tuple[str, argparse.Namespace]], work: Callable[[argparse.Namespace], object]) -> tuple[list, list[str]]:
+    """work(flags) for each (label, flags), `== label` printed before each; one run's UserError is printed and
+    the others go on. Returns (what each successful run gave, the failed runs' labels)."""
+    done, failed = [], []
+    for label, flags in runs:
+        print(f'== {label}')
+        try:
+            done.append(work(flags))
+        except UserError as e:
+            print(f'error: {e}', file=sys.stderr)
+            failed.append(label)
+    return done, failed
+
+
+def check_failures(failed: list[str], total: int, what: str) -> None:
+    if failed:
+        raise UserError(f'{len(failed)} of {total} {what} failed: {", ".join(failed)} (see above)')
 
 
 def method_runs(args: argparse.Namespace, obj: str) -> list[argparse.Namespace]:
