@@ -321,7 +321,9 @@ class Backbone:
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         # contiguous NCHW: a permuted (channels-last) tensor runs other convolution kernels, whose features
         # differ from the plain layout's by up to 1.6e-5 at layer3, enough to change PSDL's OMP supports
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).contiguous()
+        # (a read-only array, as the service decodes them, is copied: torch wants writable memory)
+        x = torch.from_numpy(np.require(images, requirements=('C', 'W'))).to(self.device).permute(0, 3, 1, 2)
+        x = x.contiguous()
         return (x.float() / 255 - self.mean) / self.std
 
     @torch.no_grad()

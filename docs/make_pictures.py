@@ -36,7 +36,7 @@ def main() -> None:
                              f'--epochs={main_demo.EPOCHS}', '--method=all', f'--out_dir={compare}',
                              f'--cache_dir={out / "cache"}', '--device=cpu'])
         IMAGES.mkdir(parents=True, exist_ok=True)
-        panel = next(p for p in sorted(compare.glob('*.png')) if 'scratch' in p.name)
+        panel = next(p for p in sorted(compare.glob('*.png')) if 'spot' in p.name)
         shutil.copyfile(panel, IMAGES / 'demo_panel.png')
         subprocess.run([browser, '--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars',
                         f'--screenshot={IMAGES / "demo_index.png"}', '--window-size=1100,700',
