@@ -41,9 +41,8 @@ def evaluate_method(args: argparse.Namespace) -> dict:
     """Evaluates args.obj with --method psdl / padim / patchcore: the result line, the metrics block, the files."""
     started = time.perf_counter()
     results_dir = Path(args.results_dir)
-    device = cli.resolve_device(args.device)
-    files = mvtecad.find_class(mvtecad.resolve_data_root(args.data_root), args.obj)
-    result, data, backbone = run_method(args, files, device, outputs=((results_dir / args.obj, 'results'),))
+    result, data, backbone, inputs = run_method(args, outputs=((results_dir / args.obj, 'results'),))
+    device, files = inputs.device, inputs.files
     print(reports.result_line({result.method: (result.metrics['det'], result.metrics['seg'])}, args.obj))
     print(reports.metrics_block({result.method: result.metrics}, metrics.undefined_metrics(files.labels, files.masks)))
     detail = {'psdl': f'{args.psdl_type}' + (f'-{args.layer}' if args.psdl_type == 'single' else '')

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from codes import cli, inspection, mvtecad, runs, visualization
+from codes import cli, inspection, runs, visualization
 from codes.methods import TITLES, patchsvdd
 from codes.methods.backbone import run_method
 from codes.errors import UserError
@@ -33,9 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def method_maps(args: argparse.Namespace, out_dir: Path) -> MethodMaps:
     """One method's maps and image scores on args.obj's test images (the method's own image score)."""
     if args.method != 'patchsvdd':
-        device = cli.resolve_device(args.device)
-        files = mvtecad.find_class(mvtecad.resolve_data_root(args.data_root), args.obj)
-        result, data, _ = run_method(args, files, device, outputs=((out_dir, 'output'),))
+        result, data, _, _ = run_method(args, outputs=((out_dir, 'output'),))
         return MethodMaps(result.method, data, result.maps, result.image_scores)
     prepared = patchsvdd.prepare(args, outputs=((out_dir, 'output'),))
     result = inspection.anomaly_maps(prepared.enc, prepared.bank, prepared.data.test, args.nn, prepared.device,

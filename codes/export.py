@@ -14,29 +14,14 @@ from . import metrics
 from .backbones import feature_weights
 from .checkpoints import file_sha256, load_encoder
 from .errors import UserError
-from .files import check_writable
+from .inputs import resolve
 from .memory_bank import load_or_build
-from .model_file import Model
-from .devices import resolve_device
 from .methods.backbone import BackboneDetector, fit_method
 from .methods.base import Clock
 from .methods.patchsvdd import PatchSVDDDetector, encoder_path, normal_scores
-from .mvtecad import (CROP_RESIZE, CROP_SIZE, GOOD, ClassFiles, find_class, list_images, load_class, load_class_cropped,
-                      resolve_data_root)
-from .state_cache import cache_dir_for
+from .model_file import Model
+from .mvtecad import CROP_RESIZE, CROP_SIZE, load_class, load_class_cropped
 from .thresholds import compute_thresholds
-
-
-
-def find_export_class(root: Path, obj: str) -> ClassFiles:
-    """The class's files; unlike evaluation, a class with normal training images only (no test set) is fine."""
-    folder = root / obj
-    test_dir = folder / 'test'
-    has_test = test_dir.is_dir() and any(list_images(d) for d in test_dir.iterdir() if d.is_dir())
-    if has_test or not folder.is_dir() or not list_images(folder / 'train' / GOOD):
-        return find_class(root, obj)     # its checks and messages
-    return ClassFiles(obj, folder, tuple(list_images(folder / 'train' / GOOD)), (), np.zeros(0, np.int32), None)
-
 
 def loo_images(n_train: int, limit: int | None) -> np.ndarray:
     """Which training images are scored leave-one-out: all, or `limit` of them evenly spaced."""
@@ -54,15 +39,11 @@ def build_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] 
     if getattr(args, 'method', None) not in (None, 'patchsvdd'):
         return build_method_model(args, outputs)
     started = time.perf_counter()
-    device = resolve_device(args.device)
-    files = find_export_class(resolve_data_root(args.data_root), args.obj)
-    ckpt = encoder_path(args)
-    for folder, what in outputs:
-        check_writable(folder, what)
-    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
+    inputs = resolve(args, outputs, normal_only=True, checks=(lambda: encoder_path(args),))
+    device, files, ckpt = inputs.device, inputs.files, encoder_path(args)
     enc = load_encoder(ckpt, args.D, device)
     test = load_class(files, args.resize, train=False) if files.test else None   # bad images stop it before writes
-    bank, _ = load_or_build(enc, ckpt, files, args.resize, device, cache_dir, args.batch_size)
+    bank, _ = load_or_build(enc, ckpt, files, args.resize, device, inputs.cache_dir, args.batch_size)
     if args.nn != 'brute' and device.type != 'cuda':
         for K in ('64', '32'):     # the cell indexes (cached with the memory bank) travel in the model file
             bank.search(K, 'exact', device)
@@ -92,16 +73,14 @@ def build_method_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str]
     evaluation's), the backbone's layer1-3 weights, and thresholds from the training images scored by a
     model that did not see them (each method's `held_out`) and from the test set when there is one."""
     started = time.perf_counter()
-    device = resolve_device(args.device)
-    files = find_export_class(resolve_data_root(args.data_root), args.obj)
-    for folder, what in outputs:
-        check_writable(folder, what)
+    inputs = resolve(args, outputs, normal_only=True)
+    files = inputs.files
     test: list = []
 
     def load_test(method) -> None:       # bad test images stop the export before anything is computed
         test.append(load_class_cropped(files, method.resize_filter, train=False) if files.test else None)
 
-    fitted = fit_method(args, files, device, Clock(), before_fit=load_test)
+    fitted = fit_method(args, inputs, Clock(), before_fit=load_test)
     backbone, method = fitted.backbone, fitted.method
     which = loo_images(len(fitted.train), args.normal_images)
     train_maps, train_scores = method.held_out(fitted.features_of, which, len(fitted.train))

@@ -112,6 +112,16 @@ def f_get(path: Path, key: str) -> np.ndarray:
         return f.get_tensor(key)
 
 
+def test_summary_names_each_runs_network_in_its_own_column(work, evaluated):
+    with (work['dir'] / 'results' / 'summary.csv').open() as f:
+        rows = {r['method']: r for r in csv.DictReader(f)}
+    assert set(rows) == set(METHODS)
+    lite0 = Backbone('efficientnet_lite0').sha256
+    for method in METHODS[1:]:       # the backbone's SHA-256, not in the checkpoint's column
+        assert rows[method]['backbone_sha256'] == lite0 and rows[method]['checkpoint_sha256'] == ''
+    assert rows['patchsvdd']['checkpoint_sha256'] and rows['patchsvdd']['backbone_sha256'] == ''
+
+
 def test_evaluate_all_ends_with_one_table_and_skips_patchsvdd_without_checkpoint(work, tmp_path, capsys):
     flags = [f for f in work['flags'] if not f.startswith('--ckpt_dir')] + [f'--ckpt_dir={tmp_path / "none"}']
     main_evaluate.main([*flags, '--method=all', f'--results_dir={tmp_path / "r"}'])

@@ -21,17 +21,17 @@ from .. import metrics
 from ..backbones import Backbone
 from ..checkpoints import file_sha256
 from ..errors import UserError
-from ..files import check_writable
+from ..inputs import Inputs, resolve
+from ..model_file import Model
 from ..mvtecad import (GOOD, ClassFiles, LoadedClass, find_class, load_class_cropped, load_images_cropped,
                       resize_center_crop)
+from ..reports import note_undefined_metrics
+from ..state_cache import load_or_fit
+from ..thresholds import Thresholds
+from .base import Clock, Method
 from .padim import DEFAULT_D, PaDiM
 from .patchcore import PatchCore
 from .psdl import PSDL
-from ..reports import note_undefined_metrics
-from ..state_cache import cache_dir_for, load_or_fit
-from ..model_file import Model
-from ..thresholds import Thresholds
-from .base import Clock, Method
 
 STATE_FORMAT = 1
 
@@ -94,14 +94,12 @@ class Fitted:
         return self.backbone.features(load_images_cropped(paths, self.method.resize_filter, 'train'), self.batch_size)
 
 
-def fit_method(args: argparse.Namespace, files: ClassFiles, device: torch.device, clock: Clock,
-               before_fit=lambda method: None) -> Fitted:
+def fit_method(args: argparse.Namespace, inputs: Inputs, clock: Clock, before_fit=lambda method: None) -> Fitted:
     """The backbone and --method, fitted on the training images or loaded from the cache. `before_fit` runs
     before anything is computed (evaluation reads its test images there: a bad one stops the run first)."""
-    backbone = Backbone(args.backbone, args.backbone_weights, device)
+    backbone = Backbone(args.backbone, args.backbone_weights, inputs.device)
     method = make_method(args, backbone)
-    train = training_files(files, getattr(args, 'pool_classes', False))
-    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
+    train = training_files(inputs.files, getattr(args, 'pool_classes', False))
     clock.lap('load_backbone')
     before_fit(method)
 
@@ -116,27 +114,27 @@ def fit_method(args: argparse.Namespace, files: ClassFiles, device: torch.device
 
     key = state_key(method, backbone, train)
     clock.lap('cache_key')
-    state, source = load_or_fit(cache_dir, key, fit, method.valid)
+    state, source = load_or_fit(inputs.cache_dir, key, fit, method.valid)
     clock.lap('state')      # reading a cached entry (or writing a new one)
     method.load_state(state)
     return Fitted(backbone, method, train, source, state, args.batch_size)
 
 
-def run_method(args: argparse.Namespace, files: ClassFiles, device: torch.device,
-               outputs: tuple[tuple[Path, str], ...] = ()) -> tuple[MethodResult, LoadedClass, Backbone]:
+def run_method(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()
+               ) -> tuple[MethodResult, LoadedClass, Backbone, Inputs]:
     """Fits (or loads the cached state of) --method on the training images, scores the test images and
     measures them. Inputs are checked, and output folders found writable, before any work."""
     clock = Clock()
+    inputs = resolve(args, outputs)
+    files = inputs.files
     note_undefined_metrics(files.labels, files.masks)
-    for folder, what in outputs:
-        check_writable(folder, what)
     loaded: list[LoadedClass] = []
 
     def load_test(method: Method) -> None:
         loaded.append(load_class_cropped(files, method.resize_filter, train=False))
         clock.lap('load_test')
 
-    fitted = fit_method(args, files, device, clock, before_fit=load_test)
+    fitted = fit_method(args, inputs, clock, before_fit=load_test)
     data, method = loaded[0], fitted.method
     maps, scores = BackboneDetector(fitted.backbone, method, None, args.batch_size).score(data.test)
     clock.lap('score')
@@ -144,7 +142,7 @@ def run_method(args: argparse.Namespace, files: ClassFiles, device: torch.device
     clock.lap('metrics')
     times = {**clock.times, **{f'fit_{k}': v for k, v in getattr(method, 'times', {}).items()}}
     return (MethodResult(method.name, maps, scores, result_metrics, fitted.source, len(fitted.train),
-                         method.resize_filter, method.settings(), times), data, fitted.backbone)
+                         method.resize_filter, method.settings(), times), data, fitted.backbone, inputs)
 
 
 def method_from_settings(name: str, settings: dict, backbone: Backbone) -> Method:

@@ -19,30 +19,23 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_encoder, resolve_encoder_path
-from ..devices import resolve_device
 from ..errors import UserError
-from ..files import check_writable, make_dir
+from ..files import make_dir
+from ..inputs import resolve
 from ..inspection import Evaluation, anomaly_maps, score_maps
 from ..inspection import search_methods as method_pair
 from ..memory_bank import MemoryBank, load_or_build
 from ..model_file import Model
-from ..mvtecad import ClassFiles, LoadedClass, find_class, load_class, resize, resolve_data_root
+from ..mvtecad import LoadedClass, load_class, resize
 from ..nearest_neighbor import DEFAULT_EPS, METHODS
 from ..networks import EncoderHier
 from ..reports import note_undefined_metrics
-from ..state_cache import cache_dir_for, try_write
+from ..state_cache import try_write
 from ..thresholds import Thresholds
 
 
 def encoder_path(args: argparse.Namespace, obj: str | None = None) -> Path:
     return resolve_encoder_path(obj or args.obj, args.ckpt, args.ckpt_dir, args.epochs, args.lambda_value, args.D)
-
-
-def resolve_inputs(args: argparse.Namespace) -> tuple[torch.device, ClassFiles, Path]:
-    """Device, the class's files and the encoder checkpoint, checked in that order before any work."""
-    device = resolve_device(args.device)
-    files = find_class(resolve_data_root(args.data_root), args.obj)
-    return device, files, encoder_path(args)
 
 
 @dataclass
@@ -60,11 +53,9 @@ class Prepared:
 def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()) -> Prepared:
     """Checks the inputs and that the (folder, what) outputs can be written, then loads the encoder, the
     memory bank (cached when allowed) and the test set. Folders are created only when written to."""
-    device, files, ckpt = resolve_inputs(args)
+    inputs = resolve(args, outputs, checks=(lambda: encoder_path(args),))
+    device, files, cache_dir, ckpt = inputs.device, inputs.files, inputs.cache_dir, encoder_path(args)
     note_undefined_metrics(files.labels, files.masks)
-    for folder, what in outputs:
-        check_writable(folder, what)
-    cache_dir = cache_dir_for(args.cache_dir, args.no_cache)
     enc = load_encoder(ckpt, args.D, device)
     times: dict[str, float] = {}
 
