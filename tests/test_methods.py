@@ -164,3 +164,27 @@ def test_state_cache_builds_reuses_and_rebuilds(tmp_path):
     assert other[1] == 'built' and sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == \
         sorted([folder.name, state_cache.entry_folder(tmp_path, {**key, 'method': 'y'}).name])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]       # no temporary folder left
+
+
+def test_patchcore_keeps_its_coreset_search_and_its_answers_are_brute_forces():
+    g = torch.Generator().manual_seed(3)
+    feats = lambda n: {'layer1': torch.randn(n, 4, 8, 8, generator=g), 'layer2': torch.randn(n, 6, 8, 8, generator=g),
+                       'layer3': torch.randn(n, 6, 4, 4, generator=g)}
+    core = PatchCore(0.25, image_size=16)
+    core.load_state(core.fit(feats(6)))
+    test = feats(3)
+    first = core.score(test)
+    search = core.coreset_search()
+    again = core.score(test)
+    assert core.coreset_search() is search              # made once per loaded state, not per call
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    # the patch distances behind the maps: the nearest coreset row by brute force
+    rows = patch_features(test).permute(0, 2, 3, 1).reshape(-1, core.coreset.shape[1]).double()
+    nearest = torch.cdist(rows, torch.from_numpy(core.coreset).double()).min(1).values.numpy()
+    top = nearest.reshape(3, -1).max(1)
+    knn = torch.cdist(rows.reshape(3, -1, rows.shape[1])[torch.arange(3), torch.from_numpy(nearest.reshape(3, -1).argmax(1))],
+                      torch.from_numpy(core.coreset).double()).topk(min(9, len(core.coreset)), largest=False).values
+    np.testing.assert_allclose(first[1], reweight(knn, torch.from_numpy(top)).numpy(), rtol=1e-5)
+    core.load_state({'coreset': core.coreset[:5], 'selected': core.selected[:5]})
+    assert core.coreset_search() is not search           # a new state gets its own search

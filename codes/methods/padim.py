@@ -103,6 +103,14 @@ class PaDiM:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.mean, self.cov, self.grid = state['mean'], state['cov'], tuple(int(v) for v in state['grid'])
+        self._whitening: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def position_whitening(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, inverse Cholesky factor) per position in float64, made once per loaded state: a scoring call
+        of one image would otherwise pay for 3,136 factorisations each time."""
+        if self._whitening is None:
+            self._whitening = torch.from_numpy(self.mean).double(), whitening(torch.from_numpy(self.cov))
+        return self._whitening
 
     def valid(self, state: dict[str, np.ndarray]) -> bool:
         return ({'mean', 'cov', 'grid'} <= set(state) and state['mean'].shape[1:] == (self.d,)
@@ -110,8 +118,7 @@ class PaDiM:
 
     def patch_scores(self, features: dict[str, torch.Tensor]) -> np.ndarray:
         """(N, H, W) Mahalanobis distances on layer1's grid, a chunk of images at a time."""
-        mean = torch.from_numpy(self.mean).double()
-        inverse_factor = whitening(torch.from_numpy(self.cov))
+        mean, inverse_factor = self.position_whitening()
         out = []
         for emb in embedding_chunks(features, torch.tensor(self.idx)):
             n, _, h, w = emb.shape

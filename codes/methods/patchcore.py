@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..coreset import k_center_greedy_plain, k_center_greedy_pruned
-from ..nearest_neighbor import nearest_distances
+from ..nearest_neighbor import ExactSearch, nearest_distances
 from ..score_maps import smooth
 from .base import FeaturesOf
 
@@ -77,6 +77,7 @@ class PatchCore:
         self.image_size = image_size
         self.device = torch.device(device)
         self.coreset: np.ndarray | None = None
+        self._search: ExactSearch | None = None     # the coreset's exact search, made once per loaded state
 
     def settings(self) -> dict:
         return {'coreset_ratio': self.coreset_ratio, 'projection_seed': PROJECTION_SEED,
@@ -91,6 +92,14 @@ class PatchCore:
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.coreset = state['coreset']
         self.selected = state.get('selected')
+        self._search = None
+
+    def coreset_search(self) -> ExactSearch:
+        """The exact search over the coreset, fitted on first use and kept: a scoring call of one image would
+        otherwise pay for building the cell index each time."""
+        if self._search is None:
+            self._search = ExactSearch(self.device).fit(self.coreset)
+        return self._search
 
     def valid(self, state: dict[str, np.ndarray]) -> bool:
         return ('coreset' in state and state['coreset'].ndim == 2 and len(state['coreset']) >= 1
@@ -113,8 +122,9 @@ class PatchCore:
         n, _, h, w = feats.shape
         rows = as_rows(feats).numpy()
         query_groups = None if groups is None else np.repeat(groups, h * w)
+        search = self.coreset_search() if groups is None else None     # leave-one-out keeps equal rows apart
         patch = nearest_distances(rows, self.coreset, 'exact', self.device, desc='search coreset',
-                                  query_groups=query_groups, bank_groups=coreset_groups).reshape(n, h, w)
+                                  query_groups=query_groups, bank_groups=coreset_groups, search=search).reshape(n, h, w)
         # The k nearest coreset patches of each image's highest-scoring patch: a small exact search.
         top = rows.reshape(n, h * w, -1)[np.arange(n), patch.reshape(n, -1).argmax(1)]
         dist = torch.cdist(torch.from_numpy(top).double(), torch.from_numpy(self.coreset).double())
