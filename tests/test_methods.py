@@ -12,7 +12,9 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from codes import state_cache
 from codes.gaussians import fit_gaussians, mahalanobis
 from codes.methods.padim import PaDiM, channel_subset
+from codes.methods import patchcore as patchcore_module
 from codes.methods.patchcore import PatchCore, k_center_greedy, patch_features, reweight
+from codes.nearest_neighbor import BruteForceSearch, ExactSearch
 from codes.methods.psdl import PSDL, activation_vectors, code_pairs
 
 
@@ -166,20 +168,24 @@ def test_state_cache_builds_reuses_and_rebuilds(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]       # no temporary folder left
 
 
-def test_patchcore_keeps_its_coreset_search_and_its_answers_are_brute_forces():
+def test_patchcore_keeps_its_coreset_search_and_its_answers_are_brute_forces(monkeypatch):
     g = torch.Generator().manual_seed(3)
     feats = lambda n: {'layer1': torch.randn(n, 4, 8, 8, generator=g), 'layer2': torch.randn(n, 6, 8, 8, generator=g),
                        'layer3': torch.randn(n, 6, 4, 4, generator=g)}
     core = PatchCore(0.25, image_size=16)
     core.load_state(core.fit(feats(6)))
     test = feats(3)
-    first = core.score(test)
-    search = core.coreset_search()
+    few = core.score(test)                               # 192 queries x 96 rows: the brute-force scan
+    assert isinstance(core.coreset_search(192), BruteForceSearch)
+    monkeypatch.setattr(patchcore_module, 'BRUTE_PAIRS', 0)
+    first = core.score(test)                             # the cell index, made once per loaded state
+    search = core.coreset_search(192)
     again = core.score(test)
-    assert core.coreset_search() is search              # made once per loaded state, not per call
-    np.testing.assert_array_equal(first[0], again[0])
-    np.testing.assert_array_equal(first[1], again[1])
-    # the patch distances behind the maps: the nearest coreset row by brute force
+    assert isinstance(search, ExactSearch) and core.coreset_search(192) is search
+    for a, b in ((first, again), (first, few)):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    # the patch distances behind the maps: the nearest coreset row by an independent brute force
     rows = patch_features(test).permute(0, 2, 3, 1).reshape(-1, core.coreset.shape[1]).double()
     nearest = torch.cdist(rows, torch.from_numpy(core.coreset).double()).min(1).values.numpy()
     top = nearest.reshape(3, -1).max(1)
@@ -187,4 +193,4 @@ def test_patchcore_keeps_its_coreset_search_and_its_answers_are_brute_forces():
                       torch.from_numpy(core.coreset).double()).topk(min(9, len(core.coreset)), largest=False).values
     np.testing.assert_allclose(first[1], reweight(knn, torch.from_numpy(top)).numpy(), rtol=1e-5)
     core.load_state({'coreset': core.coreset[:5], 'selected': core.selected[:5]})
-    assert core.coreset_search() is not search           # a new state gets its own search
+    assert core.coreset_search(192) is not search        # a new state gets its own search
