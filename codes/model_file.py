@@ -29,6 +29,7 @@ from safetensors.numpy import save as safetensors_bytes
 from .backbones import weights_sha256
 from .errors import UserError
 from .files import atomic_open, check_writable, make_dir
+from .methods import NAMES
 from .mvtecad import RESIZE_FILTERS
 from .networks import EncoderHier
 from .thresholds import Thresholds
@@ -39,7 +40,6 @@ METADATA_KEY = 'patchsvdd'
 WEIGHTS_PREFIX, STATE_PREFIX, INDEX_PREFIX = 'weights.', 'state.', 'index.'
 V1_ENCODER_PREFIX = 'encoder.'
 BANK_ARRAYS = ('mean', 'emb64', 'emb32')
-MODEL_METHODS = ('patchsvdd', 'psdl', 'padim', 'patchcore')
 
 
 @dataclass
@@ -146,7 +146,7 @@ def load_model(path: Path, D: int | None = None) -> Model:
         raise UserError(f'model file {path} is damaged (checksum mismatch in {", ".join(bad[:3])}); {redo}')
     try:
         model = _from_v1(meta, tensors) if meta['format_version'] == 1 else _from_v2(meta, tensors)
-        if model.method not in MODEL_METHODS:
+        if model.method not in NAMES:
             raise ValueError(f'unknown method {model.method!r}')
         if meta['format_version'] >= 2 and weights_sha256(model.weights) != meta['weights_sha256']:
             raise UserError(f'model file {path}: its network weights\' SHA-256 {weights_sha256(model.weights)[:12]}... '

@@ -20,13 +20,12 @@ import torch
 
 from .embeddings import iter_batches
 from .errors import UserError
-from .methods import backbone, patchsvdd
+from .methods import BACKBONE_METHODS, backbone, patchsvdd
 from .methods.base import Detector
 from .model_file import Model, load_model
 from .mvtecad import IMAGE_EXTENSIONS, read_image, to_rgb_array
 
-OPENERS = {'patchsvdd': patchsvdd.open_detector, 'psdl': backbone.open_detector, 'padim': backbone.open_detector,
-           'patchcore': backbone.open_detector}
+OPENERS = {'patchsvdd': patchsvdd.open_detector, **{name: backbone.open_detector for name in BACKBONE_METHODS}}
 
 
 def open_detector(model: Model, device: torch.device | str = 'cpu', batch_size: int = 32, nn: str | None = None,
