@@ -40,6 +40,31 @@ def test_pruned_equals_plain_with_exact_ties() -> None:
     same_picks(x, 3000, first=17)       # n_select == n: once all are covered, the argmax of zeros is index 0
 
 
+def test_pruned_equals_plain_where_the_cells_cannot_prune(monkeypatch) -> None:
+    # texture-like features: distances alike (noise around one point in 64 dims) for the first picks, so they
+    # take the pass over every point; a few far clusters later let the cells prune. Both ways must give the
+    # plain loop's picks, and both must have run.
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(6000, 64)) * 0.01
+    x[:600] += rng.normal(size=(6, 64))[rng.integers(0, 6, 600)] * 3
+    x[4000:4010] = x[4321]
+    used = {'full': 0, 'gathered': 0}
+    full, gathered = _Distances.full, _Distances.__call__
+
+    def count_full(self, centre):
+        used['full'] += 1
+        return full(self, centre)
+
+    def count_gathered(self, rows, centre):
+        used['gathered'] += 1
+        return gathered(self, rows, centre)
+
+    monkeypatch.setattr(_Distances, 'full', count_full)
+    monkeypatch.setattr(_Distances, '__call__', count_gathered)
+    same_picks(x.astype(np.float32), 700)
+    assert used['full'] > 1 and used['gathered'] > 1, used
+
+
 @pytest.mark.parametrize('n', [1, 2, 3, BLOCK - 1, BLOCK, BLOCK + 5])
 def test_pruned_equals_plain_on_tiny_inputs(n: int) -> None:
     x = clustered(np.random.default_rng(n), max(n, 40), 5, 3)[:n]
