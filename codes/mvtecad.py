@@ -143,13 +143,19 @@ def to_rgb_array(im: Image.Image) -> np.ndarray:
     return arr
 
 
-def resize(arr: np.ndarray, resize_filter: str) -> np.ndarray:
+def rgb_image(im: Image.Image) -> Image.Image:
+    """The image as to_rgb_array makes it, as a PIL image (an RGB one as it is: no copies of its pixels)."""
+    return im if im.mode == 'RGB' else Image.fromarray(to_rgb_array(im))
+
+
+def resize(arr: np.ndarray | Image.Image, resize_filter: str) -> np.ndarray:
     """Resizes to 256x256 with PIL, as the original's `Image.fromarray(x).resize((256, 256))`."""
-    return np.asarray(Image.fromarray(arr).resize((IMAGE_SIZE, IMAGE_SIZE), RESIZE_FILTERS[resize_filter]))
+    im = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
+    return np.asarray(im.resize((IMAGE_SIZE, IMAGE_SIZE), RESIZE_FILTERS[resize_filter]))
 
 
 def load_image(path: Path, resize_filter: str) -> np.ndarray:
-    return resize(to_rgb_array(read_image(path)), resize_filter)
+    return resize(rgb_image(read_image(path)), resize_filter)
 
 
 def load_mask(path: Path, image_path: Path, resize_filter: str) -> np.ndarray:
@@ -220,7 +226,7 @@ def resize_center_crop(im: Image.Image, resize_filter: str, short_side: int = CR
 
 
 def load_image_cropped(path: Path, resize_filter: str) -> np.ndarray:
-    return np.asarray(resize_center_crop(Image.fromarray(to_rgb_array(read_image(path))), resize_filter))
+    return np.asarray(resize_center_crop(rgb_image(read_image(path)), resize_filter))
 
 
 def load_images_cropped(paths: tuple[Path, ...], resize_filter: str, desc: str) -> np.ndarray:

@@ -3,6 +3,7 @@ real uvicorn worker processes: every route, the same numbers as main_predict.py,
 rule, a full queue, batching, and several models by name."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import csv
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -32,6 +34,7 @@ import main_serve
 from codes import model_file
 from codes.checkpoints import save_module
 from codes.networks import EncoderHier
+from codes.service import batching
 from codes.service.app import Settings, create_app
 from codes.service.scoring import open_scorer
 
@@ -290,6 +293,38 @@ def test_queue_full_is_503_and_waiting_requests_are_batched(models, predicted, t
             assert r.status_code == 200
             assert_row_matches(r.json()['images'][0], predicted[str(path.relative_to(root))])
         assert c.post('/predict', content=test_images[0].read_bytes()).status_code == 200
+
+
+def test_a_batch_waits_for_requests_still_arriving(monkeypatch):
+    # clients answered together send again together, but their images are decoded one after another: the
+    # batch being gathered waits for requests already received (not for ones that never come, nor forever)
+    monkeypatch.setattr(batching, 'ARRIVING_WAIT_S', 0.3)
+    sizes = []
+
+    def score(images):
+        sizes.append(len(images))
+        return list(images[:, 0])
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as executor:
+            queue = batching.BatchQueue(score, executor, max_batch=8, max_wait_s=0, max_queue=8)
+            queue.start()
+            with queue.arriving():                       # a second request still being decoded
+                first = queue.put(np.full((1, 1), 1.0))
+                await asyncio.sleep(0.1)                 # longer than --max_wait_ms, shorter than the cap
+                second = queue.put(np.full((1, 1), 2.0))
+            assert await first == [1.0] and await second == [2.0]
+            with queue.arriving():                       # a request that fails while being read: no put
+                third = queue.put(np.full((1, 1), 3.0))
+                await asyncio.sleep(0.05)
+            assert await third == [3.0]
+            with queue.arriving():                       # one that takes longer than the cap
+                fourth = queue.put(np.full((1, 1), 4.0))
+                assert await fourth == [4.0]
+            await queue.stop()
+
+    asyncio.run(scenario())
+    assert sizes == [2, 1, 1]
 
 
 def test_several_models_by_name(models, test_images):

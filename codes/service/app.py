@@ -175,15 +175,17 @@ def create_app(settings: Settings, open_model: Callable = open_scorer) -> FastAP
                           {'Retry-After': '1'})
         if queue.queue.full():         # before spending time on the upload
             raise busy
-        uploads = await read_uploads(request, limits)
-        if len(uploads) > limits.max_files:
-            raise BadRequest(413, f'{len(uploads)} files is over the limit of {limits.max_files} (--max_files)')
-        images = await anyio.to_thread.run_sync(
-            lambda: np.stack([scorer.prepare(decode(u, limits.max_pixels)) for u in uploads]))
-        try:
-            results = await queue.submit(images)
-        except QueueFull:
-            raise busy from None
+        with queue.arriving():
+            uploads = await read_uploads(request, limits)
+            if len(uploads) > limits.max_files:
+                raise BadRequest(413, f'{len(uploads)} files is over the limit of {limits.max_files} (--max_files)')
+            images = await anyio.to_thread.run_sync(
+                lambda: np.stack([scorer.prepare(decode(u, limits.max_pixels)) for u in uploads]))
+            try:
+                answer = queue.put(images)
+            except QueueFull:
+                raise busy from None
+        results = await answer
         rows = await anyio.to_thread.run_sync(lambda: [image_row(scorer, u, s, maps) for u, s in zip(uploads, results)])
         return JSONResponse({'model': name, 'method': scorer.method, 'thresholds': scorer.thresholds.to_dict(),
                              'images': rows})
