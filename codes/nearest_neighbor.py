@@ -6,7 +6,8 @@ One function, `nearest_distances`, and one small search object per method (fit /
   on CUDA, brute force in large float64 blocks on the GPU (23.5 TFLOP for bottle is seconds there);
 - `approx`: the same cells with the relaxed stopping rule `(1 + eps) * bound >= best` (eps: `--nn_eps`):
   every returned distance is certified to be at most (1 + eps) times the nearest one (float32 errors
-  included); several times faster where the cells barely prune (nearly constant codes, texture-like classes);
+  included); faster only where the cells barely prune (nearly constant codes, texture-like classes), and there
+  only with a loose eps (1.2-2.4x at eps 0.2-0.5; docs/search.md);
 - `brute`: blockwise float64 brute force on any device, the test oracle;
 - `ngt`: NGT's graph index (ANNG, L2, edge sizes 10/40: the original's settings), approximate; it
   replays the original's search for the paper's figures.
