@@ -6,7 +6,7 @@ import pytest
 from codes import inspection, mvtecad
 from codes.checkpoints import load_encoder
 from codes.embeddings import embed_images
-from codes.nearest_neighbor import nearest_distances
+from codes.nearest_neighbor import DEFAULT_EPS, nearest_distances
 from tests.conftest import load_reference
 
 
@@ -22,7 +22,8 @@ def bottle(request, mvtec_root, bottle_ckpt):
     te64, te32 = embed_images(enc, data.test, mean, 'cpu')
     s64 = nearest_distances(te64, tr64, 'exact')
     s32 = nearest_distances(te32, tr32, 'exact')
-    return dict(resize=resize, info=info, ref=ref_maps, data=data, tr32=tr32, te32=te32, s64=s64, s32=s32)
+    return dict(resize=resize, info=info, ref=ref_maps, data=data, tr64=tr64, te64=te64, tr32=tr32, te32=te32,
+                s64=s64, s32=s32)
 
 
 def relative_difference(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -104,3 +105,18 @@ def test_default_ngt_search_is_within_0_01_of_the_original(bottle):
     ref = bottle['info']['aurocs']
     for name, value in aurocs.items():
         assert abs(value - ref[name]) <= 0.01, name
+
+
+@pytest.mark.parametrize('bottle', ['nearest'], indirect=True)
+def test_approx_search_changes_no_auroc_by_more_than_0_001(bottle):
+    """--nn approx at its default eps: every distance certified within 1 + eps, and the eight AUROCs within
+    0.001 of the authors' code's exact-search figures."""
+    data = bottle['data']
+    s64 = nearest_distances(bottle['te64'], bottle['tr64'], 'approx')
+    s32 = nearest_distances(bottle['te32'], bottle['tr32'], 'approx')
+    for approx, exact in ((s64, bottle['s64']), (s32, bottle['s32'])):     # float32 round-off allowed
+        assert np.all(approx >= exact * (1 - 1e-6)) and np.all(approx <= exact * (1 + DEFAULT_EPS) + 1e-7)
+    aurocs = inspection.aurocs(inspection.score_maps(s64, s32), data.files.labels, data.masks)
+    ref = bottle['info']['aurocs']
+    for name, value in aurocs.items():
+        assert abs(value - ref[name + '_exact']) <= 0.001, name
