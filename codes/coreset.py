@@ -33,7 +33,8 @@ import torch
 from .threads import one_thread
 
 BLOCK = 32                  # rows per padded batch: a multiple of every BLAS row unrolling seen (4 with MKL AVX-512)
-FULL_SHARE = 4             # rows to recompute from which every point's distance is computed instead (1/4)
+FULL_SHARE = 4             # a pick whose candidate cells hold 1/FULL_SHARE of the points or more takes them all:
+                            # gathering them costs more than the plain product (KolektorSDD's 218k: 60 ms against 7)
 U32 = 2.0 ** -24            # float32 unit round-off
 U64 = 2.0 ** -53
 
@@ -95,10 +96,6 @@ class _Distances:
 
     def __call__(self, rows: np.ndarray, centre: int) -> np.ndarray:
         t_rows = torch.from_numpy(rows)
-        if len(rows) * FULL_SHARE >= len(self.points):
-            # where a centre can bring most points closer (texture-like classes: distances alike), one pass over
-            # all points is cheaper than gathering the rows (KolektorSDD's 218k: 7 ms against 60 ms a pick)
-            return _full_distances(self.points, self.norms, centre)[t_rows].numpy()
         batch = torch.empty((-(-len(rows) // BLOCK) * BLOCK, self.points.shape[1]))
         torch.index_select(self.points, 0, t_rows, out=batch[:len(rows)])
         batch[len(rows):] = 0
