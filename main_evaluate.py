@@ -107,7 +107,7 @@ def evaluate_one(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> None:
     methods = cli.methods_of(args)
-    if args.obj != 'all' and ',' not in args.obj and len(methods) == 1:
+    if not runs.several_classes(args) and len(methods) == 1:
         evaluate_one(args)
         return
     if args.ckpt and runs.several_classes(args) and 'patchsvdd' in methods:

@@ -75,13 +75,6 @@ def search_methods(nn: str) -> tuple[str, str]:
     return ('exact', 'ngt') if nn == 'ngt' else (nn, nn)
 
 
-def patch_scores(bank: MemoryBank, emb: np.ndarray, K: str, method: str, device: torch.device | str = 'cpu',
-                 eps: float = DEFAULT_EPS) -> np.ndarray:
-    """Distance of each test patch code (..., D) to its nearest K bank row, with the bank's (cached) search
-    (`eps`: approx's certified ratio 1 + eps)."""
-    return bank.distances(K, emb, method, device, eps)
-
-
 def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn: str = 'exact',
                  device: torch.device | str = 'cpu', batch_size: int = 8, eps: float = DEFAULT_EPS) -> Evaluation:
     """Patch scores of the test images against the memory bank, and the four maps (metrics left empty).
@@ -113,11 +106,11 @@ def anomaly_maps(enc: EncoderHier, bank: MemoryBank, test_images: np.ndarray, nn
         pending32 = background.submit(ready, '32', method32) if overlap else None
         te64, te32 = embed_images(enc, test_images, bank.mean, device, batch_size, desc='embed test')
         lap('embed_test')
-        s64 = patch_scores(bank, te64, '64', method64, device, eps)
+        s64 = bank.distances('64', te64, method64, device, eps)
         lap('nn64')
         if pending32 is not None:
             pending32.result()
-        s32 = patch_scores(bank, te32, '32', method32, device, eps)
+        s32 = bank.distances('32', te32, method32, device, eps)
         lap('nn32')   # with the overlap: what was left of readying the index, and the queries
     maps = score_maps(s64, s32)
     lap('maps')

@@ -25,7 +25,7 @@ from . import state_cache
 from .checkpoints import file_sha256
 from .embeddings import embed_images
 from .mvtecad import ClassFiles, load_images, mean_image
-from .nearest_neighbor import (DEFAULT_EPS, ApproxSearch, ExactSearch, NGTSearch, as_rows, distances_to, make_search,
+from .nearest_neighbor import (DEFAULT_EPS, ApproxSearch, ExactSearch, NGTSearch, make_search,
                                nearest_distances)
 from .networks import EncoderHier
 
@@ -99,10 +99,8 @@ class MemoryBank:
         per query image) keeps each query away from its own image's rows: leave-one-image-out, by an exact
         search of its own (in which equal rows of different images are kept apart), made once per run."""
         if leave_out is None:
-            search = self.search(K, method, device, eps=eps)
-            rows = as_rows(queries)
-            ids = search.nearest_ids(rows, desc=f'search K={K}')
-            return distances_to(rows, as_rows(self.codes(K)), ids).reshape(queries.shape[:-1])
+            return nearest_distances(queries, self.codes(K), method, device, desc=f'search K={K}',
+                                     search=self.search(K, method, device, eps=eps))
         key = (K, 'leave_out', str(device))
         if key not in self.searches:
             self.searches[key] = ExactSearch(device).fit(self.codes(K), self.image_of_rows(K))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .embeddings import iter_batches
 from .errors import UserError
 from .methods import BACKBONE_METHODS, backbone, patchsvdd
@@ -149,7 +150,7 @@ class Inspector:
                  nn: str | None = None, cache_dir: Path | None = None) -> None:
         self.model = load_model(Path(model_path).expanduser())
         self._stack = contextlib.ExitStack()
-        device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        device = resolve_device(device)
         self.detector = self._stack.enter_context(open_detector(self.model, device, batch_size, nn, cache_dir))
         self.thresholds = self.model.thresholds
 

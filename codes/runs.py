@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from .cli import methods_of
 from .errors import UserError
 from .methods.patchsvdd import encoder_path
 from .mvtecad import requested_classes, resolve_data_root
@@ -49,7 +50,7 @@ def check_failures(failed: list[str], total: int, what: str) -> None:
 def method_runs(args: argparse.Namespace, obj: str) -> list[argparse.Namespace]:
     """One set of flags per --method for class `obj`. Comparing methods, Patch SVDD runs only where it has a
     checkpoint (said in one line); alone, a missing checkpoint is its run's error as usual."""
-    names = args.method.split(',')
+    names = methods_of(args)
     runs = []
     for method in names:
         one = argparse.Namespace(**{**vars(args), 'obj': obj, 'method': method})

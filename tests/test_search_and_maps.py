@@ -251,7 +251,6 @@ def test_memory_bank_is_cached_and_never_used_stale(synthetic_root, tmp_path):
 
 def test_exact_index_is_cached_in_the_entry_and_rebuilt_when_damaged(synthetic_root, tmp_path):
     from codes.checkpoints import save_module
-    from codes.inspection import patch_scores
     torch.manual_seed(0)
     enc = EncoderHier(64, 64).eval()
     ckpt = tmp_path / 'enchier.pkl'
@@ -261,21 +260,21 @@ def test_exact_index_is_cached_in_the_entry_and_rebuilt_when_damaged(synthetic_r
     bank, _ = load_or_build(enc, ckpt, files, 'nearest', 'cpu', cache)
     queries = bank.emb32[:2] + 0.01
     expected = nearest_distances(queries, bank.emb32.reshape(-1, 64), 'brute').ravel()
-    np.testing.assert_array_equal(patch_scores(bank, queries, '32', 'exact').ravel(), expected)
+    np.testing.assert_array_equal(bank.distances('32', queries, 'exact').ravel(), expected)
     index = bank.folder / 'exact32.npz'
     assert index.is_file() and not [p for p in bank.folder.iterdir() if p.name.startswith('.')]
     written = index.stat().st_mtime_ns
     again, how = load_or_build(enc, ckpt, files, 'nearest', 'cpu', cache)
-    np.testing.assert_array_equal(patch_scores(again, queries, '32', 'exact').ravel(), expected)
+    np.testing.assert_array_equal(again.distances('32', queries, 'exact').ravel(), expected)
     assert how == 'cached' and index.stat().st_mtime_ns == written                     # read, not rebuilt
     for damage in (b'not an npz', index.read_bytes()[:200]):                           # damaged, truncated
         index.write_bytes(damage)
         again, _ = load_or_build(enc, ckpt, files, 'nearest', 'cpu', cache)
-        np.testing.assert_array_equal(patch_scores(again, queries, '32', 'exact').ravel(), expected)
+        np.testing.assert_array_equal(again.distances('32', queries, 'exact').ravel(), expected)
         assert np.load(index, allow_pickle=False)['meta'][1] == bank.emb32.reshape(-1, 64).shape[0]
     # an index built on another bank of the same size is not used
     from codes.memory_bank import cached_exact_search
     other = bank.emb32.reshape(-1, 64)[::-1].copy()
     cached_exact_search(other, index, torch.device('cpu'))
     again, _ = load_or_build(enc, ckpt, files, 'nearest', 'cpu', cache)
-    np.testing.assert_array_equal(patch_scores(again, queries, '32', 'exact').ravel(), expected)
+    np.testing.assert_array_equal(again.distances('32', queries, 'exact').ravel(), expected)
