@@ -80,7 +80,7 @@ def build_method_model(args: argparse.Namespace, outputs: tuple[tuple[Path, str]
     def load_test(method) -> None:       # bad test images stop the export before anything is computed
         test.append(load_class_cropped(files, method.resize_filter, train=False) if files.test else None)
 
-    fitted = fit_method(args, inputs, Clock(), before_fit=load_test)
+    fitted = fit_method(args, inputs, Clock(), before_fit=load_test, keep_features=True)
     backbone, method = fitted.backbone, fitted.method
     which = loo_images(len(fitted.train), args.normal_images)
     train_maps, train_scores = method.held_out(fitted.features_of, which, len(fitted.train))

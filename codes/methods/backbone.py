@@ -87,27 +87,38 @@ class Fitted:
     source: str                            # 'cached', 'built', 'rebuilt'
     state: dict[str, np.ndarray]
     batch_size: int
+    features: dict[str, torch.Tensor] | None = None     # every training image's maps, when the fit computed them
 
     def features_of(self, which: np.ndarray) -> dict[str, torch.Tensor]:
-        """The backbone maps of the training images `which` (indices into `train`)."""
-        paths = tuple(self.train[i] for i in np.asarray(which))
+        """The backbone maps of the training images `which` (indices into `train`): the fit's own when it asks
+        for all of them in order (the same call would give the same maps), else read and computed again."""
+        which = np.asarray(which)
+        if self.features is not None and np.array_equal(which, np.arange(len(self.train))):
+            return self.features
+        paths = tuple(self.train[i] for i in which)
         return self.backbone.features(load_images_cropped(paths, self.method.resize_filter, 'train'), self.batch_size)
 
 
-def fit_method(args: argparse.Namespace, inputs: Inputs, clock: Clock, before_fit=lambda method: None) -> Fitted:
+def fit_method(args: argparse.Namespace, inputs: Inputs, clock: Clock, before_fit=lambda method: None,
+               keep_features: bool = False) -> Fitted:
     """The backbone and --method, fitted on the training images or loaded from the cache. `before_fit` runs
-    before anything is computed (evaluation reads its test images there: a bad one stops the run first)."""
+    before anything is computed (evaluation reads its test images there: a bad one stops the run first).
+    `keep_features`: a fit keeps the training images' maps on the result (export's held-out scores need them)."""
     backbone = Backbone(args.backbone, args.backbone_weights, inputs.device)
     method = make_method(args, backbone)
     train = training_files(inputs.files, getattr(args, 'pool_classes', False))
     clock.lap('load_backbone')
     before_fit(method)
 
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+
     def fit() -> dict[str, np.ndarray]:
         images = load_images_cropped(train, method.resize_filter, 'train')
         clock.lap('load_train')
         features = backbone.features(images, args.batch_size)
         clock.lap('features_train')
+        if keep_features:
+            kept['features'] = features
         state = method.fit(features)
         clock.lap('fit')
         return state
@@ -117,7 +128,7 @@ def fit_method(args: argparse.Namespace, inputs: Inputs, clock: Clock, before_fi
     state, source = load_or_fit(inputs.cache_dir, key, fit, method.valid)
     clock.lap('state')      # reading a cached entry (or writing a new one)
     method.load_state(state)
-    return Fitted(backbone, method, train, source, state, args.batch_size)
+    return Fitted(backbone, method, train, source, state, args.batch_size, kept.get('features'))
 
 
 def run_method(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()
