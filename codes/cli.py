@@ -122,6 +122,7 @@ def add_threshold_args(parser: argparse.ArgumentParser) -> None:
                              'cost on large classes (default: all)')
 
 
+# the method flags' defaults, also what main_predict.py restores where a model file does not decide
 METHOD_DEFAULTS = {'method': 'patchsvdd', 'backbone': DEFAULT_BACKBONE, 'backbone_weights': None, 'psdl_type': 'single',
                    'layer': 'layer3', 'pool_classes': False, 'padim_d': None, 'coreset_ratio': 0.01}
 
@@ -144,28 +145,28 @@ def add_method_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     """--method and the flags of the methods on a pre-trained backbone (PSDL, PaDiM, PatchCore). With
     `several`, --method takes a comma list or all."""
     if several:
-        parser.add_argument('--method', type=method_list, default='patchsvdd',
+        parser.add_argument('--method', type=method_list, default=METHOD_DEFAULTS['method'],
                             help=f'{", ".join(METHOD_NAMES)}, a comma list of them, or all (default patchsvdd; '
                                  'the flags above): the methods other than patchsvdd run on a pre-trained '
                                  'ImageNet backbone; with several, patchsvdd is skipped where it has no checkpoint')
     else:
-        parser.add_argument('--method', choices=METHOD_NAMES, default='patchsvdd',
+        parser.add_argument('--method', choices=METHOD_NAMES, default=METHOD_DEFAULTS['method'],
                             help='patchsvdd (default; the flags above) or a method on a pre-trained ImageNet backbone')
-    parser.add_argument('--backbone', choices=tuple(BACKBONES), default=DEFAULT_BACKBONE,
+    parser.add_argument('--backbone', choices=tuple(BACKBONES), default=METHOD_DEFAULTS['backbone'],
                         help=f'pre-trained network for psdl / padim / patchcore (default {DEFAULT_BACKBONE}, '
                              'whose weights install with pip)')
-    parser.add_argument('--backbone_weights', default=None,
+    parser.add_argument('--backbone_weights', default=METHOD_DEFAULTS['backbone_weights'],
                         help="the backbone's ImageNet weights (torchvision's resnet18-f37072fd.pth or "
                              'wide_resnet50_2-95faca4d.pth); default for efficientnet_lite0: the pip package\'s file')
-    parser.add_argument('--psdl_type', choices=('single', 'multiple'), default='single',
+    parser.add_argument('--psdl_type', choices=('single', 'multiple'), default=METHOD_DEFAULTS['psdl_type'],
                         help='psdl: one layer (single, default) or layers 1-3 pooled onto layer3\'s grid (multiple)')
-    parser.add_argument('--layer', choices=LAYERS, default='layer3', help='psdl single: which layer (default layer3)')
+    parser.add_argument('--layer', choices=LAYERS, default=METHOD_DEFAULTS['layer'], help='psdl single: which layer (default layer3)')
     parser.add_argument('--pool_classes', action='store_true',
                         help='psdl: fit one model on every class under the data root (as the PSDL repository does)')
-    parser.add_argument('--padim_d', type=positive_int, default=None,
+    parser.add_argument('--padim_d', type=positive_int, default=METHOD_DEFAULTS['padim_d'],
                         help='padim: channels kept (default 100 for resnet18 and efficientnet_lite0, 550 for '
                              'wide_resnet50_2)')
-    parser.add_argument('--coreset_ratio', type=positive_float, default=0.01,
+    parser.add_argument('--coreset_ratio', type=positive_float, default=METHOD_DEFAULTS['coreset_ratio'],
                         help='patchcore: fraction of training patches kept in the coreset (default 0.01)')
 
 

@@ -13,7 +13,8 @@ from . import metrics, reports
 from .embeddings import STRIDE_32, STRIDE_64, embed_images
 from .memory_bank import MemoryBank
 from .mvtecad import IMAGE_SIZE, LoadedClass
-from .nearest_neighbor import DEFAULT_EPS
+from .errors import UserError
+from .nearest_neighbor import DEFAULT_EPS, METHODS
 from .networks import EncoderHier
 
 MAP_NAMES = ('64', '32', 'sum', 'mult')
@@ -71,7 +72,10 @@ def assess(maps: dict[str, np.ndarray], labels: np.ndarray, masks: np.ndarray | 
 
 
 def search_methods(nn: str) -> tuple[str, str]:
-    """(K=64 method, K=32 method). `ngt` is the original's pairing: exact at K=64, NGT at K=32."""
+    """(K=64 method, K=32 method) for --nn; an unknown method is refused. `ngt` is the original's pairing:
+    exact at K=64, NGT at K=32."""
+    if nn not in METHODS:
+        raise UserError(f'--nn must be one of {", ".join(METHODS)}, not {nn!r}')
     return ('exact', 'ngt') if nn == 'ngt' else (nn, nn)
 
 

@@ -19,15 +19,14 @@ import numpy as np
 import torch
 
 from ..checkpoints import load_encoder, resolve_encoder_path
-from ..errors import UserError
 from ..files import make_dir
 from ..inputs import resolve
 from ..inspection import Evaluation, anomaly_maps, score_maps
-from ..inspection import search_methods as method_pair
+from ..inspection import search_methods
 from ..memory_bank import MemoryBank, load_or_build
 from ..model_file import Model
 from ..mvtecad import LoadedClass, load_class, resize
-from ..nearest_neighbor import DEFAULT_EPS, METHODS
+from ..nearest_neighbor import DEFAULT_EPS
 from ..networks import EncoderHier
 from ..reports import note_undefined_metrics
 from ..state_cache import try_write
@@ -75,13 +74,6 @@ def prepare(args: argparse.Namespace, outputs: tuple[tuple[Path, str], ...] = ()
         times['bank'] = time.perf_counter() - started
         data = test.result()
     return Prepared(device, ckpt, enc, bank, source, data, times)
-
-
-def search_methods(nn: str) -> tuple[str, str]:
-    """(K=64 method, K=32 method) for --nn, as evaluation pairs them; an unknown method is refused."""
-    if nn not in METHODS:
-        raise UserError(f'--nn must be one of {", ".join(METHODS)}, not {nn!r}')
-    return method_pair(nn)
 
 
 @contextlib.contextmanager
