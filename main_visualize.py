@@ -37,7 +37,7 @@ def method_maps(args: argparse.Namespace, out_dir: Path) -> MethodMaps:
         return MethodMaps(result.method, data, result.maps, result.image_scores)
     prepared = patchsvdd.prepare(args, outputs=((out_dir, 'output'),))
     result = inspection.anomaly_maps(prepared.enc, prepared.bank, prepared.data.test, args.nn, prepared.device,
-                                     args.batch_size)
+                                     args.batch_size, args.nn_eps)
     mult = result.maps['mult']
     return MethodMaps('patchsvdd', prepared.data, mult, mult.max(axis=(1, 2)))
 
